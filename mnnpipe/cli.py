@@ -1,0 +1,197 @@
+"""`mnnpipe`: the command line and the step container's entrypoint.
+
+Exit codes: 0 success; 2 invalid spec or input (one line naming the field or file); 1 a step or
+tool failure; 3 the artifact store could not be reached or written; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import MnnpipeError, SpecError
+from .store import redact
+from .steps import STEP_NAMES, available_steps
+
+
+def load_spec_file(path: str) -> dict[str, Any]:
+    """Read a YAML or JSON spec ('-' for stdin) into a dict."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except FileNotFoundError:
+        raise SpecError(f"--spec: file '{path}' not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"--spec: file '{path}' cannot be read ({type(e).__name__})") from None
+    return parse_spec_text(text, f"--spec {path}")
+
+
+def parse_spec_text(text: str, label: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)  # YAML is a superset of JSON
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{label}: not valid YAML/JSON{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{label}: expected a mapping of spec fields, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML: numbers, booleans, lists) to nested dicts/lists."""
+    if "=" not in assignment:
+        raise SpecError(f"--set '{assignment}': expected key.path=value")
+    path, _, raw = assignment.partition("=")
+    keys = [k for k in path.strip().split(".")]
+    if not all(keys):
+        raise SpecError(f"--set '{assignment}': empty key in '{path}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    node: Any = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise SpecError(f"--set '{assignment}': '{key}' is not an index of a {len(node)}-item list")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise SpecError(f"--set '{assignment}': '{'.'.join(keys[:i])}' is not a mapping")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": redact(record.getMessage()),
+            }
+        )
+
+
+class RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def setup_logging(fmt: str, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("mnnpipe")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnnpipe", description="Compress PyTorch models for MNN, one typed step at a time.")
+    parser.add_argument("--quiet", "-q", action="store_true", help="Only warnings and errors; no progress bars.")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="Log lines as text or JSON.")
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks for unexpected errors.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="Run one step from a spec file.")
+    run.add_argument("step", choices=STEP_NAMES)
+    src = run.add_mutually_exclusive_group(required=True)
+    src.add_argument("--spec", help="YAML or JSON spec file ('-' for stdin).")
+    src.add_argument("--spec-json", help="The spec as a JSON string (how KFP passes it).")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a spec field, e.g. --set tolerance.min_cosine=0.99")
+    run.add_argument("--result", help="Also write the result JSON to this local file.")
+    run.add_argument("--no-cache", action="store_true", help="Run even when an identical earlier run's output exists.")
+
+    val = sub.add_parser("validate", help="Validate a spec without running it.")
+    val.add_argument("step", choices=STEP_NAMES)
+    val.add_argument("--spec", required=True)
+    val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    schema = sub.add_parser("schema", help="Print a step's JSON Schema.")
+    schema.add_argument("step", choices=STEP_NAMES)
+
+    sub.add_parser("steps", help="List the steps this installation provides.")
+
+    demo = sub.add_parser("demo", help="Run the whole compression pipeline on the bundled digits data.")
+    demo.add_argument("--workdir", default="mnnpipe-demo", help="Local artifact folder (default ./mnnpipe-demo).")
+    demo.add_argument("--no-cache", action="store_true")
+    return parser
+
+
+def _spec_data(args: argparse.Namespace) -> dict[str, Any]:
+    data = parse_spec_text(args.spec_json, "--spec-json") if getattr(args, "spec_json", None) else load_spec_file(args.spec)
+    for assignment in args.set:
+        apply_override(data, assignment)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_format, args.quiet)
+    try:
+        return _dispatch(args)
+    except MnnpipeError as e:
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: say so in one line
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"error: internal failure ({type(e).__name__}: {redact(first)}); rerun with --debug for a traceback", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from .runner import parse_spec, run_step
+
+    if args.command == "schema":
+        from .steps import step_module
+
+        print(json.dumps(step_module(args.step).Spec.model_json_schema(), indent=2))
+        return 0
+    if args.command == "steps":
+        print("\n".join(available_steps()))
+        return 0
+    if args.command == "validate":
+        spec = parse_spec(args.step, _spec_data(args))
+        print(spec.model_dump_json(indent=2))
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(Path(args.workdir), use_cache=not args.no_cache, quiet=args.quiet)
+        return 0
+    spec = parse_spec(args.step, _spec_data(args))
+    result = run_step(args.step, spec, use_cache=not args.no_cache, quiet=args.quiet)
+    text = result.model_dump_json(indent=2)
+    if args.result:
+        out = Path(args.result)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Reading and writing torch models without running untrusted code.
+
+Trust model: TorchScript and torch.export archives are loaded with torch's own loaders (no
+pickle), state-dicts with `torch.load(weights_only=True)`. The only code imported is a
+`factory` the spec names, which the pipeline author chose.
+"""
+
+from __future__ import annotations
+
+import importlib
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import InputError, SpecError
+from .specs import ModelRef
+
+
+def import_factory(path: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise SpecError(f"factory '{path}' cannot be imported ({type(e).__name__}: {e})") from None
+    if not callable(obj):
+        raise SpecError(f"factory '{path}' is not callable")
+    return obj
+
+
+def build(factory: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    try:
+        model = import_factory(factory)(**(kwargs or {}))
+    except TypeError as e:
+        raise SpecError(f"factory '{factory}' rejected its kwargs ({e})") from None
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"factory '{factory}' returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def load_torch(ref: ModelRef, path: Path) -> nn.Module:
+    """Load a torch model in eval mode. Corrupt or wrong-format files raise InputError."""
+    if not path.is_file():
+        raise InputError(f"{ref.uri}: model file not found")
+    if path.stat().st_size == 0:
+        raise InputError(f"{ref.uri}: model file is empty")
+    try:
+        if ref.format == "torchscript":
+            model = torch.jit.load(str(path), map_location="cpu")
+        elif ref.format == "torch-export":
+            model = torch.export.load(str(path)).module()
+        elif ref.format == "state-dict":
+            model = build(ref.factory or "", ref.factory_kwargs)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict):
+                raise InputError(f"{ref.uri}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else "mismatch"
+                second = str(e).strip().splitlines()[1].strip() if len(str(e).strip().splitlines()) > 1 else ""
+                raise InputError(f"{ref.uri}: state_dict does not fit factory '{ref.factory}' ({first} {second})") from None
+        else:
+            raise SpecError(f"model.format '{ref.format}' is not a torch format")
+    except (InputError, SpecError):
+        raise
+    except Exception as e:  # torch raises many types for corrupt archives and unsafe pickles
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if "weights_only" in msg or "Unsupported global" in str(e):
+            msg = "contains pickled objects that are not plain tensors; refused (weights_only=True)"
+        raise InputError(f"{ref.uri}: not a loadable {ref.format} model ({msg})") from None
+    return model.eval()
+
+
+def is_zip(path: Path) -> bool:
+    return zipfile.is_zipfile(path)
+
+
+def save_torchscript(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> Path:
+    """Trace to TorchScript: reloadable without the Python class (needed once channels are pruned)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    traced.save(str(path))
+    return path
+
+
+def save_exported(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> Path:
+    """Save a torch.export `.pt2` archive, the format torch recommends going forward."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program = torch.export.export(model.eval(), example)
+    torch.export.save(program, str(path))
+    return path
+
+
+def example_inputs(shapes: list[tuple[int, ...]], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.rand(*s, generator=g) for s in shapes)

@@ -1,0 +1,278 @@
+"""Run one step: validate, fetch inputs, consult the cache, run, verify, publish.
+
+This is the only place that knows about caching, manifests and publishing; steps only read
+local inputs through `ctx.local(uri)` and write files into `ctx.outdir`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from . import __version__
+from .errors import InputError, SpecError
+from .specs import Artifact, DatasetRef, ModelRef, StepResult, StepSpec
+from .steps import step_module
+from .store import MANIFEST, RESULT, fetch, iter_files, join, sha256_file, sha256_path, store_for
+
+log = logging.getLogger("mnnpipe")
+T = TypeVar("T")
+
+MEDIA_TYPES = {
+    ".mnn": "application/x-mnn",
+    ".onnx": "application/onnx",
+    ".pt": "application/x-torchscript",
+    ".pt2": "application/x-torch-export",
+    ".pth": "application/x-torch-state-dict",
+    ".json": "application/json",
+    ".md": "text/markdown",
+    ".html": "text/html",
+    ".png": "image/png",
+    ".npz": "application/x-npz",
+}
+
+
+@dataclass
+class StepContext:
+    """What a step may touch: its inputs (fetched and digested), a scratch folder, an output folder."""
+
+    workdir: Path
+    outdir: Path
+    quiet: bool = False
+    input_paths: dict[str, Path] = field(default_factory=dict)
+    input_digests: dict[str, str] = field(default_factory=dict)
+
+    def local(self, uri: str) -> Path:
+        """The local path of an input URI (fetched once, verified against its manifest if any)."""
+        if uri not in self.input_paths:
+            path = fetch(uri, self.workdir / "inputs")
+            self.input_paths[uri] = path
+            self.input_digests[uri] = sha256_path(path)
+        return self.input_paths[uri]
+
+    def scratch(self, name: str) -> Path:
+        path = self.workdir / "scratch" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+        """A progress bar on stderr for long loops; silent with --quiet or when not a terminal."""
+        from tqdm import tqdm
+
+        disable = self.quiet or not sys.stderr.isatty()
+        yield from tqdm(iterable, desc=desc, total=total, disable=disable, leave=False)
+
+
+def parse_spec(step: str, data: dict[str, Any]) -> StepSpec:
+    """Validate a spec dict; the first problem becomes one line naming the field."""
+    spec_cls = step_module(step).Spec
+    data = dict(data)
+    kind = data.setdefault("kind", step)
+    if kind != step:
+        raise SpecError(f"kind: spec is for step '{kind}', not '{step}'")
+    try:
+        return spec_cls.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e)) from None
+
+
+def format_validation_error(e: ValidationError) -> str:
+    errors = e.errors(include_url=False)
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "spec"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field (not part of this step's spec)"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{loc}: {msg}{more}"
+
+
+def input_refs(spec: BaseModel) -> list[str]:
+    """Every input URI a spec names (ModelRefs and DatasetRefs, nested and in lists)."""
+    uris: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, ModelRef):
+            uris.append(value.uri)
+        elif isinstance(value, DatasetRef):
+            if value.uri:
+                uris.append(value.uri)
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+
+    walk(spec)
+    return list(dict.fromkeys(uris))
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"mnnpipe": __version__, "python": sys.version.split()[0]}
+    for dist in ("torch", "MNN", "onnx", "onnxruntime"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def cache_key(step: str, spec: StepSpec, digests: dict[str, str]) -> str:
+    """Same step, same spec (wherever it publishes) and same input bytes -> same key."""
+    body = {
+        "step": step,
+        "spec": spec.model_dump(mode="json", exclude={"output"}),
+        "inputs": sorted(digests.values()),
+        "mnnpipe": __version__,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def cache_index_uri(output: str, key: str) -> str:
+    """Where the cache entry for `key` lives: MNNPIPE_CACHE_URI, else beside the outputs' store."""
+    root = os.environ.get("MNNPIPE_CACHE_URI")
+    if not root:
+        if output.startswith("s3://"):
+            root = f"s3://{output[5:].split('/', 1)[0]}/.mnnpipe-cache"
+        else:
+            root = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnnpipe" / "index")
+    return join(root, f"{key}.json")
+
+
+def read_manifest(output: str) -> dict[str, Any] | None:
+    uri = join(output, MANIFEST)
+    store = store_for(uri)
+    if not store.exists(uri):
+        return None
+    try:
+        return json.loads(store.read_bytes(uri))
+    except ValueError:
+        return None
+
+
+def _cached(step: str, spec: StepSpec, key: str, result_cls: type[StepResult]) -> StepResult | None:
+    """An earlier complete output with this key, re-published under spec.output if needed."""
+    index_uri = cache_index_uri(spec.output, key)
+    store = store_for(index_uri)
+    try:
+        if not store.exists(index_uri):
+            return None
+        earlier_output = json.loads(store.read_bytes(index_uri))["output"]
+    except (ValueError, KeyError, InputError):
+        return None
+    manifest = read_manifest(earlier_output)
+    if not manifest or manifest.get("cache_key") != key:
+        return None  # overwritten or never completed: recompute
+    for art in manifest["artifacts"].values():
+        if not store_for(art["uri"]).exists(art["uri"]):
+            return None
+    result = result_cls.model_validate(manifest["result"])
+    if earlier_output.rstrip("/") == spec.output.rstrip("/"):
+        return result.model_copy(update={"cached": True})
+    # Same work, new place: copy the bytes (verified) and publish a manifest of our own.
+    with tempfile.TemporaryDirectory(prefix="mnnpipe-cache-") as tmp:
+        outdir = Path(tmp)
+        base = earlier_output.rstrip("/") + "/"
+        for art in manifest["artifacts"].values():
+            local = fetch(art["uri"], outdir / ".fetch")
+            rel = art["uri"][len(base) :]
+            (outdir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, outdir / rel)
+        shutil.rmtree(outdir / ".fetch", ignore_errors=True)
+        fresh = result.model_copy(update={"artifacts": {}, "cached": True})
+        return publish(step, spec, fresh, outdir, manifest["inputs"], key, manifest.get("started_at", ""), cached_from=earlier_output)
+
+
+def publish(
+    step: str,
+    spec: StepSpec,
+    result: StepResult,
+    outdir: Path,
+    input_digests: dict[str, str],
+    key: str,
+    started_at: str,
+    cached_from: str | None = None,
+) -> StepResult:
+    """Upload every file in outdir, then result.json, then manifest.json (last: the commit point)."""
+    output = spec.output.rstrip("/")
+    manifest_uri = join(output, MANIFEST)
+    store = store_for(manifest_uri)
+    # An older manifest must not vouch for files we are about to replace.
+    store.delete(manifest_uri)
+    artifacts: dict[str, Artifact] = {}
+    for path in iter_files(outdir):
+        rel = path.relative_to(outdir).as_posix()
+        uri = join(output, rel)
+        store_for(uri).put(path, uri)
+        artifacts[rel] = Artifact(
+            uri=uri, sha256=sha256_file(path), size=path.stat().st_size, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+        )
+    final = result.model_copy(update={"artifacts": {**artifacts, **result.artifacts}, "output": output, "cache_key": key})
+    result_json = final.model_dump_json(indent=2).encode()
+    store.write_bytes(result_json, join(output, RESULT))
+    manifest = {
+        "schema_version": 1,
+        "step": step,
+        "spec": spec.model_dump(mode="json"),
+        "inputs": input_digests,
+        "artifacts": {k: v.model_dump() for k, v in final.artifacts.items()},
+        "result": json.loads(result_json),
+        "metrics": final.metrics,
+        "versions": versions(),
+        "cache_key": key,
+        "cached_from": cached_from,
+        "started_at": started_at,
+        "finished_at": _now(),
+    }
+    store.write_bytes(json.dumps(manifest, indent=2, sort_keys=True).encode(), manifest_uri)
+    index_uri = cache_index_uri(output, key)
+    store_for(index_uri).write_bytes(json.dumps({"output": output, "step": step}).encode(), index_uri)
+    return final
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_step(step: str, spec: StepSpec | dict[str, Any], *, use_cache: bool = True, quiet: bool = False) -> StepResult:
+    """Validate the spec, fetch and digest inputs, serve from cache or run, publish. The one entry point."""
+    module = step_module(step)
+    if not isinstance(spec, StepSpec):
+        spec = parse_spec(step, spec)
+    started_at = _now()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"mnnpipe-{step}-") as tmp:
+        ctx = StepContext(workdir=Path(tmp), outdir=Path(tmp) / "out", quiet=quiet)
+        ctx.outdir.mkdir()
+        for uri in input_refs(spec):
+            ctx.local(uri)
+        key = cache_key(step, spec, ctx.input_digests)
+        if use_cache:
+            hit = _cached(step, spec, key, module.Result)
+            if hit is not None:
+                log.info("cache hit for %s (key %s): skipped the work", step, key[:12])
+                return hit
+        log.info("running %s -> %s", step, spec.output)
+        result = module.run(spec, ctx)
+        result.metrics.setdefault("step_seconds", round(time.perf_counter() - t0, 3))
+        return publish(step, spec, result, ctx.outdir, ctx.input_digests, key, started_at)

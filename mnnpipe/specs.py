@@ -1,0 +1,256 @@
+"""Shared sub-specs and the base classes every step's Spec and Result derive from.
+
+A step's Spec is the single source of truth for its parameters: the CLI, the KFP component,
+the Airflow operator and the JSON schema are all generated from it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+_URI_SCHEMES = ("file://", "s3://")
+_MAX_DIM = 1 << 16
+_MAX_ELEMENTS = 1 << 28  # 256 M elements (1 GiB of fp32): beyond that a declared shape is absurd
+
+
+class Strict(BaseModel):
+    """Frozen, closed model: unknown keys are errors, values cannot change after validation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+def check_uri(value: str, field: str = "uri") -> str:
+    """Accept plain paths, file:// and s3://bucket/key; reject other schemes and '..' segments."""
+    if not value or not value.strip():
+        raise ValueError(f"{field} must be a non-empty path, file:// or s3:// URI")
+    if "://" in value and not value.startswith(_URI_SCHEMES):
+        scheme = value.split("://", 1)[0]
+        raise ValueError(f"{field} has unsupported scheme '{scheme}://'; expected a path, file:// or s3://")
+    if value.startswith("s3://"):
+        rest = value[len("s3://") :]
+        bucket = rest.split("/", 1)[0]
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
+            raise ValueError(f"{field} has an invalid S3 bucket name '{bucket}'")
+        path = rest[len(bucket) :]
+    else:
+        path = value[len("file://") :] if value.startswith("file://") else value
+    if ".." in PurePosixPath(path).parts:
+        raise ValueError(f"{field} must not contain '..' path segments (got '{value}')")
+    if "\x00" in value:
+        raise ValueError(f"{field} must not contain NUL bytes")
+    return value
+
+
+ModelFormat = Literal["auto", "torchscript", "torch-export", "state-dict", "onnx", "mnn"]
+_EXT_FORMATS = {
+    ".pt": "torchscript",
+    ".ts": "torchscript",
+    ".torchscript": "torchscript",
+    ".pt2": "torch-export",
+    ".pth": "state-dict",
+    ".onnx": "onnx",
+    ".mnn": "mnn",
+}
+
+
+class ModelRef(Strict):
+    """A model artifact: where it is, and how to read it."""
+
+    uri: str = Field(description="Path, file:// or s3:// URI of the model file.")
+    format: ModelFormat = Field(
+        "auto",
+        description="torchscript (.pt), torch-export (.pt2), state-dict (.pth, needs `factory`), "
+        "onnx, mnn; `auto` infers it from the file extension.",
+    )
+    factory: str | None = Field(
+        None,
+        description="`pkg.module:callable` that builds the architecture a state-dict is loaded into "
+        "(e.g. `mnnpipe.models:digits_cnn`). Imported code: name only modules you trust.",
+    )
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for `factory`.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str | None) -> str | None:
+        if v is not None and not _FACTORY_RE.match(v):
+            raise ValueError(f"factory must look like 'pkg.module:callable', got '{v}'")
+        return v
+
+    @model_validator(mode="after")
+    def _resolve_format(self) -> ModelRef:
+        fmt = self.format
+        if fmt == "auto":
+            suffix = PurePosixPath(self.uri.split("?", 1)[0]).suffix.lower()
+            fmt = _EXT_FORMATS.get(suffix)
+            if fmt is None:
+                raise ValueError(
+                    f"format is 'auto' but the extension of '{self.uri}' is not one of "
+                    f"{sorted(_EXT_FORMATS)}; set format explicitly"
+                )
+            object.__setattr__(self, "format", fmt)
+        if fmt == "state-dict" and not self.factory:
+            raise ValueError("format 'state-dict' needs `factory` ('pkg.module:callable') to rebuild the model")
+        return self
+
+    @property
+    def is_torch(self) -> bool:
+        return self.format in ("torchscript", "torch-export", "state-dict")
+
+
+class Preprocess(Strict):
+    """How raw samples become model inputs: dst = (src / scale - mean) / std, per channel."""
+
+    size: tuple[int, int] | None = Field(
+        None, description="Resize images to (height, width); None keeps the dataset's native size."
+    )
+    channels: Literal["RGB", "BGR", "GRAY"] = Field("RGB", description="Channel order the model expects.")
+    scale: float = Field(255.0, gt=0, description="Raw values are divided by this first (255 for 8-bit images, 16 for digits).")
+    mean: tuple[float, ...] = Field((0.0,), description="Per-channel mean subtracted after scaling (one value broadcasts).")
+    std: tuple[float, ...] = Field((1.0,), description="Per-channel std divided after the mean (one value broadcasts).")
+    layout: Literal["NCHW", "NHWC"] = Field("NCHW", description="Tensor layout the model expects.")
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not all(1 <= d <= 8192 for d in v):
+            raise ValueError(f"size must be two integers in [1, 8192], got {list(v)}")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _std(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(s <= 0 for s in v):
+            raise ValueError("std values must all be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> Preprocess:
+        n = 1 if self.channels == "GRAY" else 3
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, n):
+                raise ValueError(f"{name} must have 1 or {n} values for channels '{self.channels}'")
+        return self
+
+    def per_channel(self, name: Literal["mean", "std"]) -> tuple[float, ...]:
+        n = 1 if self.channels == "GRAY" else 3
+        values = getattr(self, name)
+        return values * n if len(values) == 1 else values
+
+
+DatasetFormat = Literal["image-folder", "npz", "sklearn-digits"]
+
+
+class DatasetRef(Strict):
+    """A labelled (or unlabelled) dataset and the preprocessing that turns it into model inputs."""
+
+    format: DatasetFormat = Field(
+        description="image-folder: one sub-folder per class; npz: arrays `x` (and `y`); "
+        "sklearn-digits: the 8x8 handwritten digits shipped with scikit-learn (demo set)."
+    )
+    uri: str | None = Field(None, description="Folder, .npz or archive URI; not used by sklearn-digits.")
+    split: Literal["all", "train", "val", "test"] = Field(
+        "all", description="Deterministic split of the data (seeded, stratified): 70% train, 10% val, 20% test."
+    )
+    limit: int | None = Field(None, ge=1, description="Use at most this many samples (after the split).")
+    preprocess: Preprocess = Field(default_factory=Preprocess, description="Preprocessing applied to every sample.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        return None if v is None else check_uri(v)
+
+    @model_validator(mode="after")
+    def _needs_uri(self) -> DatasetRef:
+        if self.format != "sklearn-digits" and not self.uri:
+            raise ValueError(f"uri is required for dataset format '{self.format}'")
+        return self
+
+
+class TensorSpec(Strict):
+    """One model input: name, static shape, dtype and the range sample values are drawn from."""
+
+    name: str = Field("input", min_length=1, max_length=128, description="Input tensor name.")
+    shape: tuple[int, ...] = Field(description="Static shape including the batch dimension, e.g. [1, 3, 224, 224].")
+    dtype: Literal["float32", "int64", "int32", "uint8"] = Field("float32", description="Element type.")
+    range: tuple[float, float] = Field((0.0, 1.0), description="[low, high) for random sample inputs.")
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not 1 <= len(v) <= 8:
+            raise ValueError(f"shape must have 1 to 8 dimensions, got {len(v)}")
+        if any(d < 1 or d > _MAX_DIM for d in v):
+            raise ValueError(f"shape dimensions must be in [1, {_MAX_DIM}], got {list(v)}")
+        n = 1
+        for d in v:
+            n *= d
+        if n > _MAX_ELEMENTS:
+            raise ValueError(f"shape {list(v)} has {n} elements; more than {_MAX_ELEMENTS} is not a model input")
+        return v
+
+    @field_validator("range")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not v[0] < v[1]:
+            raise ValueError(f"range must be [low, high) with low < high, got {list(v)}")
+        return v
+
+
+class Tolerance(Strict):
+    """How close a converted or compressed model must stay to its source."""
+
+    max_abs_error: float | None = Field(1e-3, ge=0, description="Largest allowed |a-b| over all outputs; None: unchecked.")
+    min_cosine: float = Field(0.999, ge=-1, le=1, description="Smallest allowed cosine similarity of flattened outputs.")
+    min_top1_agreement: float = Field(0.99, ge=0, le=1, description="Smallest allowed fraction of samples with equal argmax.")
+
+
+class StepSpec(Strict):
+    """Fields every step spec has. Subclasses add `kind: Literal[...]` and their parameters."""
+
+    schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Spec schema version.")
+    output: str = Field(
+        description="Path, file:// or s3:// prefix where the step publishes its artifacts and manifest.json."
+    )
+    seed: int = Field(0, ge=0, description="Seed for every random choice the step makes (sampling, init, shuffling).")
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        return check_uri(v, "output")
+
+
+class Artifact(BaseModel):
+    """A published file: where it is and what its bytes are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(description="Where the artifact was published.")
+    sha256: str = Field(description="Hex sha256 of the bytes.")
+    size: int = Field(description="Size in bytes.")
+    media_type: str = Field("application/octet-stream", description="What the bytes are.")
+
+
+class StepResult(BaseModel):
+    """Fields every step result has: the published artifacts and computed metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: str = Field(description="The step that produced this result.")
+    output: str = Field("", description="The prefix the artifacts were published under.")
+    artifacts: dict[str, Artifact] = Field(default_factory=dict, description="Published files by role.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Numbers the step measured.")
+    cached: bool = Field(False, description="True when served from an earlier identical run.")
+    cache_key: str = Field("", description="sha256 of step, spec and input digests.")

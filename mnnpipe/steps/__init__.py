@@ -1,0 +1,33 @@
+"""The steps. Each module defines `Spec`, `Result` and a pure `run(spec, ctx) -> Result`.
+
+Modules are imported only when their step runs, so `mnnpipe schema` or an Airflow scheduler
+parsing a DAG does not pay for torch-heavy imports it does not need.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ..errors import SpecError
+
+STEP_NAMES = ("distill", "prune", "quantize", "convert", "benchmark")
+
+
+def step_module(name: str) -> ModuleType:
+    if name not in STEP_NAMES:
+        raise SpecError(f"unknown step '{name}'; expected one of {', '.join(STEP_NAMES)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def available_steps() -> list[str]:
+    """Steps whose module exists in this installation."""
+    out = []
+    for name in STEP_NAMES:
+        try:
+            importlib.util.find_spec(f"{__name__}.{name}")  # type: ignore[attr-defined]
+        except ModuleNotFoundError:
+            continue
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # type: ignore[attr-defined]
+            out.append(name)
+    return out
