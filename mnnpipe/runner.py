@@ -25,7 +25,7 @@ from . import __version__
 from .errors import InputError, SpecError
 from .specs import Artifact, DatasetRef, ModelRef, StepResult, StepSpec
 from .steps import step_module
-from .store import MANIFEST, RESULT, fetch, iter_files, join, sha256_file, sha256_path, store_for
+from .store import MANIFEST, RESULT, OutputLock, fetch, iter_files, join, sha256_file, sha256_path, store_for
 
 log = logging.getLogger("mnnpipe")
 T = TypeVar("T")
@@ -222,6 +222,8 @@ def publish(
     artifacts: dict[str, Artifact] = {}
     for path in iter_files(outdir):
         rel = path.relative_to(outdir).as_posix()
+        if rel in (MANIFEST, RESULT):
+            raise AssertionError(f"a step must not write {rel} itself")
         uri = join(output, rel)
         store_for(uri).put(path, uri)
         artifacts[rel] = Artifact(
@@ -261,7 +263,7 @@ def run_step(step: str, spec: StepSpec | dict[str, Any], *, use_cache: bool = Tr
         spec = parse_spec(step, spec)
     started_at = _now()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"mnnpipe-{step}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"mnnpipe-{step}-") as tmp, OutputLock(spec.output):
         ctx = StepContext(workdir=Path(tmp), outdir=Path(tmp) / "out", quiet=quiet)
         ctx.outdir.mkdir()
         for uri in input_refs(spec):

@@ -138,9 +138,10 @@ class Preprocess(Strict):
     @model_validator(mode="after")
     def _per_channel(self) -> Preprocess:
         n = 1 if self.channels == "GRAY" else 3
+        allowed = "1 value" if n == 1 else f"1 or {n} values"
         for name in ("mean", "std"):
             if len(getattr(self, name)) not in (1, n):
-                raise ValueError(f"{name} must have 1 or {n} values for channels '{self.channels}'")
+                raise ValueError(f"{name} must have {allowed} for channels '{self.channels}', got {len(getattr(self, name))}")
         return self
 
     def per_channel(self, name: Literal["mean", "std"]) -> tuple[float, ...]:

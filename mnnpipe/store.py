@@ -389,3 +389,78 @@ def iter_files(root: Path) -> Iterator[Path]:
 
 def staging_dir(prefix: str = "mnnpipe-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+# --------------------------------------------------------------------------- output lock
+
+LOCK = ".mnnpipe.lock"
+_HELD_LOCKS: set[str] = set()  # ids of locks this process holds right now
+
+
+class OutputLock:
+    """One writer per output prefix at a time; a second concurrent run refuses (StoreError).
+
+    The lock is a small object created with a conditional write (O_EXCL locally, If-None-Match
+    on S3). A lock left by a killed run is stale when its process is gone (same host) or when it
+    is older than MNNPIPE_LOCK_TTL seconds (default 6 h), so a rerun after SIGKILL proceeds.
+    """
+
+    def __init__(self, output: str):
+        import socket
+        import time
+
+        self.uri = join(output, LOCK)
+        self.store = store_for(self.uri)
+        self.body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "id": uuid.uuid4().hex}).encode()
+
+    @property
+    def id(self) -> str:
+        return json.loads(self.body)["id"]
+
+    def __enter__(self) -> OutputLock:
+        if self.store.write_bytes(self.body, self.uri, if_absent=True):
+            _HELD_LOCKS.add(self.id)
+            return self
+        holder = self._holder()
+        if holder is not None and not self._stale(holder):
+            raise StoreError(
+                f"{self.uri.rsplit('/', 1)[0]}: another run (pid {holder.get('pid')} on {holder.get('host')}) is writing this output; retry when it finishes"
+            )
+        self.store.delete(self.uri)  # stale: its writer is gone
+        if not self.store.write_bytes(self.body, self.uri, if_absent=True):
+            raise StoreError(f"{self.uri.rsplit('/', 1)[0]}: another run took this output's lock first; retry when it finishes")
+        _HELD_LOCKS.add(self.id)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _HELD_LOCKS.discard(self.id)
+        try:
+            holder = self._holder()
+            if holder is not None and holder.get("id") == self.id:
+                self.store.delete(self.uri)
+        except StoreError:
+            pass  # store unreachable: the lock goes stale with this process, never blocks a rerun for long
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.store.read_bytes(self.uri))
+        except (InputError, ValueError):
+            return None
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        import socket
+        import time
+
+        if time.time() - float(holder.get("since", 0)) > float(os.environ.get("MNNPIPE_LOCK_TTL", 6 * 3600)):
+            return True
+        if holder.get("host") == socket.gethostname():
+            if int(holder.get("pid", 0)) == os.getpid():
+                return holder.get("id") not in _HELD_LOCKS  # left by an earlier, failed run of ours
+            try:
+                os.kill(int(holder.get("pid", 0)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError):
+                return False
+        return False
