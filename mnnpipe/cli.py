@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("steps", help="List the steps this installation provides.")
 
+    from .kfp.launcher import add_arguments as add_kfp_launch_arguments
+
+    kfp_launch = sub.add_parser("kfp-launch", help="Run a step inside a Kubeflow Pipelines container component.")
+    add_kfp_launch_arguments(kfp_launch)
+
     demo = sub.add_parser("demo", help="Run the whole compression pipeline on the bundled digits data.")
     demo.add_argument("--workdir", default="mnnpipe-demo", help="Local artifact folder (default ./mnnpipe-demo).")
     demo.add_argument("--no-cache", action="store_true")
@@ -175,6 +180,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         spec = parse_spec(args.step, _spec_data(args))
         print(spec.model_dump_json(indent=2))
         return 0
+    if args.command == "kfp-launch":
+        from .kfp.launcher import run_from_args
+
+        return run_from_args(args)
     if args.command == "demo":
         from .demo import run_demo
 

@@ -75,6 +75,8 @@ def load_torch(ref: ModelRef, path: Path) -> nn.Module:
         if "weights_only" in msg or "Unsupported global" in str(e):
             msg = "contains pickled objects that are not plain tensors; refused (weights_only=True)"
         raise InputError(f"{ref.uri}: not a loadable {ref.format} model ({msg})") from None
+    if ref.format == "torch-export":
+        return model  # an exported program's module() refuses .eval() ("not supported yet"); it is already in eval form
     return model.eval()
 
 

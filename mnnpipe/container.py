@@ -1,0 +1,35 @@
+"""The step image and the command it runs: one definition shared by every orchestrator adapter.
+
+The KFP component and the Airflow KubernetesPodOperator both start `DEFAULT_IMAGE` with
+`step_command(...)`, so a step behaves the same whichever scheduler launched it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import __version__
+
+IMAGE_ENV = "MNNPIPE_IMAGE"
+# The tag follows the package version (containers/build.sh builds exactly this name).
+DEFAULT_IMAGE = f"localhost/mnnpipe-step:{__version__}"
+
+
+def default_image() -> str:
+    """The step image: $MNNPIPE_IMAGE when set (a registry path in production), else DEFAULT_IMAGE."""
+    return os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
+
+
+def step_command(step: str, spec_json: str, *, result_path: str | None = None, use_cache: bool = True) -> list[str]:
+    """The container command that runs one step from its spec as a JSON string.
+
+    `result_path`: also write the Result JSON to this file inside the container (where the
+    orchestrator collects it: KFP's output file, Airflow's /airflow/xcom/return.json).
+    `use_cache=False`: recompute even when an identical earlier run's output exists.
+    """
+    command = ["mnnpipe", "run", step, "--spec-json", spec_json]
+    if result_path:
+        command += ["--result", result_path]
+    if not use_cache:
+        command.append("--no-cache")
+    return command

@@ -1,0 +1,1 @@
+"""Thin, explicit wrappers around the inference engines mnnpipe drives (MNN)."""

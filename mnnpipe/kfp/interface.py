@@ -1,0 +1,100 @@
+"""What a step looks like to an orchestrator, read off its Spec and Result classes.
+
+A ModelRef field of a Spec becomes a Model artifact input (plus a `<field>_uri` string input for
+URIs that are pipeline parameters); a DatasetRef field becomes a Dataset artifact input (plus
+`<field>_uri`). Nothing here is declared per step: adding a field to a Spec changes the component.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from ..specs import DatasetRef, ModelRef
+from ..steps import step_module
+
+#: Fields every StepSpec has that the orchestrator, not the user, decides.
+ENVELOPE_FIELDS = ("kind", "schema_version", "output")
+#: Output artifact names of every generated component (inputs are named after Spec fields).
+OUTPUT_MODEL = "output_model"
+OUTPUT_METRICS = "metrics"
+OUTPUT_REPORT = "report"
+#: File extensions of model artifacts, best first: the step's primary output model is the
+#: published artifact with the first of these (an .mnn beats the .onnx it was converted from).
+MODEL_EXTENSIONS = (".mnn", ".pt", ".pt2", ".pth", ".onnx")
+
+
+def _contains(annotation: Any, cls: type) -> bool:
+    if annotation is cls:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_contains(arg, cls) for arg in typing.get_args(annotation))
+    return False
+
+
+@dataclass(frozen=True)
+class StepInterface:
+    """The orchestrator-facing shape of one step."""
+
+    name: str
+    spec_cls: type
+    result_cls: type
+    model_inputs: tuple[str, ...]
+    dataset_inputs: tuple[str, ...]
+    produces_model: bool
+    #: list fields of items that hold a model (e.g. benchmark's `models: list[ModelUnderTest]`):
+    #: field -> the item's ModelRef field. A connected artifact fills every item without a uri.
+    model_lists: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def ref_inputs(self) -> tuple[str, ...]:
+        return self.model_inputs + self.dataset_inputs
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.spec_cls) or f"The {self.name} step."
+        return doc.strip().split("\n\n")[0].replace("\n", " ")
+
+    def uri_param(self, field: str) -> str:
+        return f"{field}_uri"
+
+    def required_refs(self) -> tuple[str, ...]:
+        return tuple(f for f in self.ref_inputs if self.spec_cls.model_fields[f].is_required())
+
+
+#: Steps that measure but publish no model. Every other step hands a model to the next one.
+MEASURE_ONLY = frozenset({"benchmark"})
+
+
+def _model_list_item_field(annotation: Any) -> str | None:
+    """For list[X] where X is a pydantic model with a ModelRef field: that field's name."""
+    if typing.get_origin(annotation) not in (list, tuple):
+        return None
+    args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+    item = args[0] if len(args) == 1 else None
+    for name, info in getattr(item, "model_fields", {}).items():
+        if _contains(info.annotation, ModelRef):
+            return name
+    return None
+
+
+def step_interface(name: str) -> StepInterface:
+    module = step_module(name)
+    fields = module.Spec.model_fields
+    lists = tuple((f, sub) for f, info in fields.items() if (sub := _model_list_item_field(info.annotation)))
+    list_names = {f for f, _ in lists}
+    models = tuple(f for f, info in fields.items() if _contains(info.annotation, ModelRef) or f in list_names)
+    datasets = tuple(f for f, info in fields.items() if _contains(info.annotation, DatasetRef))
+    return StepInterface(
+        name=name,
+        spec_cls=module.Spec,
+        result_cls=module.Result,
+        model_inputs=models,
+        dataset_inputs=datasets,
+        produces_model=name not in MEASURE_ONLY,
+        model_lists=lists,
+    )

@@ -1,0 +1,286 @@
+"""The thin launcher KFP components run: map KFP artifacts and URI parameters into a step's spec,
+validate it, run the step through `runner.run_step`, and hand the results back to KFP.
+
+Two entry points share `launch`:
+
+* container components run ``mnnpipe kfp-launch STEP --executor-input '{{$}}'``: KFP substitutes
+  the executor input JSON; `main` reads artifacts and parameters from it and writes the executor
+  output file KFP reads back (artifact metadata such as metrics). No kfp import: the step image
+  does not ship kfp.
+* lightweight components (for `kfp.local` runs) call `launch_lightweight` with kfp's own
+  artifact objects.
+
+How an input artifact becomes a ModelRef/DatasetRef URI: an artifact written by an upstream
+mnnpipe component carries `mnnpipe_uri` in its metadata, the published URI in the step store
+(with its file extension and manifest, so the format is inferred and the bytes verified); any
+other artifact is used at the local path the KFP launcher downloaded it to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import SpecError
+from ..specs import StepResult
+from .interface import MODEL_EXTENSIONS, OUTPUT_METRICS, OUTPUT_MODEL, OUTPUT_REPORT
+
+log = logging.getLogger("mnnpipe.kfp")
+
+#: Where KFP's launcher mounts/downloads remote artifacts inside a container (kfp's convention).
+_LOCAL_MOUNTS = {"gs://": "/gcs/", "minio://": "/minio/", "s3://": "/s3/"}
+
+
+@dataclass
+class ArtifactRef:
+    """An artifact as the launcher sees it: KFP's URI, the local path and its metadata."""
+
+    uri: str
+    path: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def local_path_for(uri: str) -> str:
+    """The local path KFP's launcher uses for an artifact URI (same rule as kfp.dsl.Artifact.path)."""
+    for prefix, mount in _LOCAL_MOUNTS.items():
+        if uri.startswith(prefix):
+            return mount + uri[len(prefix) :]
+    return uri
+
+
+def input_uri(artifact: ArtifactRef) -> str:
+    return str(artifact.metadata.get("mnnpipe_uri") or artifact.path)
+
+
+def bind_spec(
+    spec_json: str | dict[str, Any],
+    *,
+    ref_fields: tuple[str, ...],
+    artifacts: dict[str, ArtifactRef | None],
+    uris: dict[str, str],
+    output_uri: str = "",
+    model_lists: tuple[tuple[str, str], ...] = (),
+) -> dict[str, Any]:
+    """The spec dict with wired URIs filled in: an artifact wins over a `<field>_uri` parameter,
+    which wins over the URI written in the spec. Other fields of a ref (format, factory,
+    preprocess...) come from the spec; a format recorded by the producer fills a missing one."""
+    if isinstance(spec_json, str):
+        try:
+            data = json.loads(spec_json) if spec_json.strip() else {}
+        except ValueError as e:
+            raise SpecError(f"spec: not valid JSON ({e.msg} at position {e.pos})") from None
+    else:
+        data = dict(spec_json)
+    if not isinstance(data, dict):
+        raise SpecError(f"spec: expected a JSON object of spec fields, got {type(data).__name__}")
+    for name in ref_fields:
+        artifact = artifacts.get(name)
+        uri = input_uri(artifact) if artifact is not None else uris.get(name, "")
+        if not uri:
+            continue
+        fmt = artifact.metadata.get("format") if artifact is not None else None
+        sub = dict(model_lists).get(name)
+        if sub is not None:  # a list of items holding a model: fill every item that has no uri yet
+            items = [dict(i) if isinstance(i, dict) else i for i in data.get(name) or []]
+            for item in items:
+                if isinstance(item, dict) and not (item.get(sub) or {}).get("uri"):
+                    item[sub] = _with_uri(item.get(sub), uri, fmt)
+            data[name] = items
+        else:
+            data[name] = _with_uri(data.get(name), uri, fmt)
+    if output_uri:
+        data["output"] = output_uri
+    return data
+
+
+def _with_uri(ref: Any, uri: str, fmt: str | None) -> dict[str, Any]:
+    ref = dict(ref) if isinstance(ref, dict) else {}
+    ref["uri"] = uri
+    if fmt and "format" not in ref and "factory" not in ref:
+        ref["format"] = fmt
+    return ref
+
+
+def primary_model(result: StepResult) -> tuple[str, Any] | None:
+    """The step's output model: the published artifact with the most specific model extension."""
+    for ext in MODEL_EXTENSIONS:
+        names = sorted(n for n in result.artifacts if n.endswith(ext))
+        if names:
+            preferred = [n for n in names if Path(n).name.startswith("model")] or names
+            return preferred[0], result.artifacts[preferred[0]]
+    return None
+
+
+def report_markdown(step: str, result: StepResult) -> str:
+    """A Markdown summary for the KFP UI: metrics and published artifacts, all from the result."""
+    lines = [f"# mnnpipe {step}", "", f"Output: `{result.output}`" + (" (cached)" if result.cached else ""), ""]
+    if result.metrics:
+        lines += ["| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.6g} |" for k, v in sorted(result.metrics.items())]
+        lines.append("")
+    lines += ["| artifact | bytes | sha256 |", "|---|---:|---|"]
+    lines += [f"| `{name}` | {a.size} | `{a.sha256[:12]}` |" for name, a in sorted(result.artifacts.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(step: str, result: StepResult, paths: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Write the output artifacts' files; return each one's metadata (for KFP's metadata store)."""
+    from ..store import fetch
+
+    metadata: dict[str, dict[str, Any]] = {}
+    if OUTPUT_MODEL in paths:
+        found = primary_model(result)
+        if found is None:
+            raise SpecError(f"{step}: the step published no model file ({', '.join(MODEL_EXTENSIONS)})")
+        name, art = found
+        dest = Path(paths[OUTPUT_MODEL])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="mnnpipe-kfp-") as tmp:
+            shutil.copyfile(fetch(art.uri, Path(tmp)), dest)  # fetch verifies against the manifest
+        metadata[OUTPUT_MODEL] = {
+            "mnnpipe_uri": art.uri,
+            "format": _format_of(name),
+            "sha256": art.sha256,
+            "size": art.size,
+            "step": step,
+            "cache_key": result.cache_key,
+        }
+    if OUTPUT_METRICS in paths:
+        dest = Path(paths[OUTPUT_METRICS])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
+        metadata[OUTPUT_METRICS] = dict(result.metrics)
+    if OUTPUT_REPORT in paths:
+        dest = Path(paths[OUTPUT_REPORT])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(report_markdown(step, result))
+        metadata[OUTPUT_REPORT] = {"mnnpipe_output": result.output}
+    return metadata
+
+
+def _format_of(name: str) -> str:
+    from ..specs import _EXT_FORMATS
+
+    return _EXT_FORMATS.get(Path(name).suffix.lower(), "auto")
+
+
+def launch(
+    step: str,
+    spec_json: str | dict[str, Any],
+    *,
+    artifacts: dict[str, ArtifactRef | None],
+    uris: dict[str, str],
+    output_uri: str,
+    output_paths: dict[str, str],
+    use_cache: bool = True,
+) -> tuple[StepResult, dict[str, dict[str, Any]]]:
+    """Bind, validate (SpecError before any work), run the step, write the output artifacts."""
+    from ..runner import parse_spec, run_step
+    from .gate import GATE
+    from .interface import step_interface
+
+    if step == GATE:
+        from .gate import run_gate
+
+        result = run_gate(spec_json, artifacts=artifacts, uris=uris, output_uri=output_uri)
+        return result, write_outputs(step, result, output_paths)
+    iface = step_interface(step)
+    data = bind_spec(
+        spec_json, ref_fields=iface.ref_inputs, artifacts=artifacts, uris=uris, output_uri=output_uri, model_lists=iface.model_lists
+    )
+    spec = parse_spec(step, data)
+    result = run_step(step, spec, use_cache=use_cache, quiet=True)
+    return result, write_outputs(step, result, output_paths)
+
+
+# --------------------------------------------------------------------------- lightweight (kfp.local)
+
+
+def launch_lightweight(step: str, spec: str, artifacts: dict[str, Any], uris: dict[str, str], output_uri: str, outputs: dict[str, Any]) -> str:
+    """Called by generated lightweight components with kfp's artifact objects; returns result JSON."""
+    refs = {
+        name: ArtifactRef(uri=a.uri, path=a.path, metadata=dict(a.metadata or {})) if a is not None else None
+        for name, a in artifacts.items()
+    }
+    result, metadata = launch(
+        step, spec, artifacts=refs, uris=uris, output_uri=output_uri, output_paths={n: a.path for n, a in outputs.items()}
+    )
+    for name, art in outputs.items():
+        art.metadata.update(metadata.get(name, {}))
+    return result.model_dump_json()
+
+
+# --------------------------------------------------------------------------- container (executor input)
+
+
+def _artifact_from_executor(entry: dict[str, Any]) -> ArtifactRef | None:
+    items = entry.get("artifacts") or []
+    if not items:
+        return None
+    item = items[0]
+    uri = item.get("uri", "")
+    return ArtifactRef(uri=uri, path=local_path_for(uri), metadata=dict(item.get("metadata") or {}))
+
+
+def run_executor_input(step: str, executor_input: dict[str, Any], launch_fn: Callable[..., Any] = launch) -> dict[str, Any]:
+    """Run a step from KFP's executor input; write and return the executor output."""
+    inputs = executor_input.get("inputs", {})
+    outputs = executor_input.get("outputs", {})
+    params = inputs.get("parameterValues", {}) or {}
+    artifacts = {name: _artifact_from_executor(entry) for name, entry in (inputs.get("artifacts") or {}).items()}
+    uris = {name[: -len("_uri")]: str(v) for name, v in params.items() if name.endswith("_uri") and name != "output_uri" and v}
+    out_artifacts = {name: _artifact_from_executor(entry) for name, entry in (outputs.get("artifacts") or {}).items()}
+    output_paths = {name: a.path for name, a in out_artifacts.items() if a is not None}
+    result, metadata = launch_fn(
+        step,
+        params.get("spec", "{}"),
+        artifacts=artifacts,
+        uris=uris,
+        output_uri=str(params.get("output_uri", "")),
+        output_paths=output_paths,
+    )
+    executor_output = {
+        "artifacts": {
+            name: {"artifacts": [{"name": name, "uri": a.uri, "metadata": metadata.get(name, {})}]}
+            for name, a in out_artifacts.items()
+            if a is not None
+        }
+    }
+    output_file = outputs.get("outputFile")
+    if output_file:
+        Path(output_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(output_file).write_text(json.dumps(executor_output))
+    print(result.model_dump_json(indent=2))
+    return executor_output
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("step", help="The step (or 'gate') to run.")
+    parser.add_argument("--executor-input", required=True, help="KFP's executor input JSON ('{{$}}').")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    try:
+        executor_input = json.loads(args.executor_input)
+    except ValueError as e:
+        raise SpecError(f"--executor-input: not valid JSON ({e.msg})") from None
+    run_executor_input(args.step, executor_input)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mnnpipe.kfp.launcher STEP --executor-input '{{$}}'` (same as `mnnpipe kfp-launch`)."""
+    from ..cli import main as cli_main
+
+    return cli_main(["kfp-launch", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

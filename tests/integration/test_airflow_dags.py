@@ -1,0 +1,189 @@
+"""The bundled DAGs: they import cleanly, and each runs end to end with `dag.test()` (in-process
+steps) against the moto S3 server, on a digits CNN trained for two epochs in a fixture.
+
+Airflow gets a private AIRFLOW_HOME (SQLite, migrated once per module) before it is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DAGS = REPO / "dags"
+os.environ.setdefault("MNNPIPE_TEST_AIRFLOW_HOME", tempfile.mkdtemp(prefix="mnnpipe-airflow-"))
+os.environ["AIRFLOW_HOME"] = os.environ["MNNPIPE_TEST_AIRFLOW_HOME"]
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS)
+os.environ["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"  # asset-scheduled DAGs queue only when unpaused
+
+import pendulum  # noqa: E402
+import pytest  # noqa: E402
+
+pytest.importorskip("airflow.sdk", reason="needs the airflow extra")
+
+pytestmark = pytest.mark.integration
+
+DAG_IDS = {"mnn_nightly_compression", "mnn_recompress_on_new_model", "example_training_handoff"}
+STEPS = ("convert", "quantize", "benchmark")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def in_process_steps():
+    """The DAGs run steps in the worker here (there is no cluster); set before any DAG is parsed."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MNNPIPE_AIRFLOW_EXECUTION", "in_process")
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def airflow_db(in_process_steps):
+    from airflow.utils import db
+
+    db.resetdb()
+
+
+@pytest.fixture(scope="module")
+def dagbag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(DAGS))  # examples are off: AIRFLOW__CORE__LOAD_EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory) -> Path:
+    """A digits CNN trained for 2 epochs, as TorchScript (the nightly DAG distils it to half width)."""
+    from mnnpipe.data import load_dataset
+    from mnnpipe.modelio import example_inputs, save_torchscript
+    from mnnpipe.models import digits_cnn
+    from mnnpipe.specs import DatasetRef
+    from mnnpipe.train import FitConfig, fit, seed_everything
+
+    seed_everything(0)
+    train = load_dataset(DatasetRef(format="sklearn-digits", split="train", preprocess={"channels": "GRAY"}))
+    model = digits_cnn(num_classes=10)
+    fit(model, train, FitConfig(epochs=2, batch_size=64, lr=3e-3))
+    return save_torchscript(model, example_inputs([(1, 1, 8, 8)]), tmp_path_factory.mktemp("model") / "model.pt")
+
+
+def _publish_version(s3_server, bucket: str, version: str, model: Path) -> str:
+    s3_server.client().upload_file(str(model), bucket, f"models/{version}/model.pt")
+    return f"s3://{bucket}/models/{version}/model.pt"
+
+
+def _return_values(dag_run) -> dict:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key="return_value")).all()
+        return {row.task_id: XComModel.deserialize_value(row) for row in rows}
+
+
+def _exists(s3_server, bucket: str, key: str) -> bool:
+    return s3_server.client().list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount", 0) > 0
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def test_every_dag_imports_without_errors(dagbag) -> None:
+    from mnnpipe.airflow.config import NEW_MODEL_ASSET
+
+    assert dagbag.import_errors == {}
+    assert DAG_IDS <= set(dagbag.dag_ids)
+    nightly = dagbag.get_dag("mnn_nightly_compression")
+    assert nightly.timetable.expression == "0 2 * * *"
+    assert nightly.catchup is False and nightly.max_active_runs == 1
+    recompress = dagbag.get_dag("mnn_recompress_on_new_model")
+    assert recompress.timetable.asset_condition == NEW_MODEL_ASSET
+    assert recompress.timetable.timetable.expression == "0 * * * *"  # and hourly, for uploads outside Airflow
+    assert recompress.max_active_runs == 1
+    handoff = dagbag.get_dag("example_training_handoff")
+    assert NEW_MODEL_ASSET in handoff.get_task("announce_new_version").outlets
+    # the switch came from the environment, for every step operator
+    assert {t.execution for t in nightly.tasks if hasattr(t, "execution")} == {"in_process"}
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def test_recompress_on_new_model_compresses_the_newest_version(dagbag, s3_server, s3_bucket, cache_dir, digits_model) -> None:
+    from mnnpipe.airflow.registry import next_version
+    from mnnpipe.steps import step_module
+
+    _publish_version(s3_server, s3_bucket, "v1", digits_model)
+    newest = _publish_version(s3_server, s3_bucket, "v2", digits_model)
+    conf = {"model_registry": f"s3://{s3_bucket}/models", "artifact_prefix": f"s3://{s3_bucket}/artifacts"}
+
+    run = dagbag.get_dag("mnn_recompress_on_new_model").test(run_conf=conf)
+
+    assert run.state == "success"
+    results = _return_values(run)
+    assert results["wait_for_new_model"] == {"version": "v2", "model_uri": newest}
+    for step in STEPS:  # results in XCom are the steps' Results, published under the version
+        result = step_module(step).Result.model_validate(results[step])
+        assert result.output == f"s3://{s3_bucket}/artifacts/versions/v2/{step}"
+        assert _exists(s3_server, s3_bucket, f"artifacts/versions/v2/{step}/manifest.json")
+    quantized = step_module("quantize").Result.model_validate(results["quantize"])
+    assert quantized.size_bytes < quantized.fp32_size_bytes
+    assert quantized.model_dump()["artifacts"]["model.mnn"]["uri"].startswith(f"s3://{s3_bucket}/artifacts/versions/v2/quantize/")
+    # v2 is done now, and v1 was superseded by it: nothing is left for the sensor
+    marker = f"s3://{s3_bucket}/artifacts/versions/{{version}}/benchmark/manifest.json"
+    assert next_version(conf["model_registry"], "model.pt", marker) is None
+
+
+def test_nightly_compression_distils_and_compresses_the_latest_version(dagbag, s3_server, s3_bucket, cache_dir, digits_model) -> None:
+    from airflow.models.variable import Variable
+
+    from mnnpipe.steps import step_module
+
+    _publish_version(s3_server, s3_bucket, "20260101T000000", digits_model)
+    latest = _publish_version(s3_server, s3_bucket, "20260102T000000", digits_model)
+    # the artifact prefix comes from an Airflow Variable, the registry from a run param
+    Variable.set("mnnpipe_artifact_prefix", f"s3://{s3_bucket}/from-variable")
+    try:
+        run = dagbag.get_dag("mnn_nightly_compression").test(
+            logical_date=pendulum.datetime(2026, 3, 4, 2, tz="UTC"),
+            run_conf={"model_registry": f"s3://{s3_bucket}/models", "distill_epochs": 1},
+        )
+    finally:
+        Variable.delete("mnnpipe_artifact_prefix")
+
+    assert run.state == "success"
+    results = _return_values(run)
+    assert results["latest_model"]["model_uri"] == latest
+    distilled = step_module("distill").Result.model_validate(results["distill"])
+    assert distilled.epochs_run == 1
+    assert distilled.student_params < distilled.teacher_params
+    for step in ("distill", *STEPS):
+        assert results[step]["output"] == f"s3://{s3_bucket}/from-variable/nightly/2026-03-04/{step}"
+        assert _exists(s3_server, s3_bucket, f"from-variable/nightly/2026-03-04/{step}/manifest.json")
+    convert = step_module("convert").Result.model_validate(results["convert"])
+    assert convert.source_format == "torchscript"
+    assert convert.artifacts["model.mnn"].uri.endswith("/nightly/2026-03-04/convert/model.mnn")
+
+
+def test_training_handoff_publishes_a_version_and_queues_recompression(dagbag, s3_server, s3_bucket, cache_dir) -> None:
+    from airflow.models.asset import AssetDagRunQueue, AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    from mnnpipe.airflow.config import NEW_MODEL_ASSET
+
+    run = dagbag.get_dag("example_training_handoff").test(
+        logical_date=pendulum.datetime(2026, 5, 6, 7, 8, 9, tz="UTC"),
+        run_conf={"model_registry": f"s3://{s3_bucket}/models", "epochs": 1},
+    )
+
+    assert run.state == "success"
+    assert _exists(s3_server, s3_bucket, "models/20260506T070809/model.pt")
+    with create_session() as session:
+        asset_id = session.scalar(select(AssetModel.id).where(AssetModel.name == NEW_MODEL_ASSET.name))
+        event = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == run.run_id)).one()
+        queued = session.scalars(select(AssetDagRunQueue.target_dag_id).where(AssetDagRunQueue.asset_id == asset_id)).all()
+    assert event.asset_id == asset_id
+    assert event.extra == {"version": "20260506T070809", "model_uri": f"s3://{s3_bucket}/models/20260506T070809/model.pt"}
+    assert "mnn_recompress_on_new_model" in queued

@@ -1,0 +1,259 @@
+"""The compress pipeline end to end with kfp.local (lightweight components, the same launcher as
+the container components) against the moto S3 server: train a tiny teacher, compress, release."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+DIGITS = {"format": "sklearn-digits", "preprocess": {"channels": "GRAY", "scale": 16.0}}
+
+
+def recipe_for_digits() -> dict:
+    """A recipe using every pipeline step this installation has, sized to run in about a minute."""
+    from mnnpipe.kfp.recipe import pipeline_steps
+
+    present = set(pipeline_steps())
+    recipe: dict = {
+        "model": {"format": "state-dict", "factory": "mnnpipe.models:digits_cnn"},
+        "convert": {"inputs": [{"name": "input", "shape": [1, 1, 8, 8]}], "num_samples": 4},
+        "gate": {"metric": "accuracy", "reference_metric": "fp32_accuracy", "max_drop": 0.05, "min_value": 0.5},
+    }
+    if "distill" in present:
+        recipe["distill"] = {
+            "student": {"architecture": "digits_cnn", "width": 0.5},
+            "dataset": {**DIGITS, "split": "all"},
+            "training": {"epochs": 2, "batch_size": 64},
+        }
+    if "quantize" in present:
+        recipe["quantize"] = {
+            "input": {"name": "input", "shape": [1, 1, 8, 8]},
+            "calibration": {**DIGITS, "split": "train", "limit": 64},
+            "evaluation": {**DIGITS, "split": "test", "limit": 200},
+            "calibration_samples": 64,
+            "max_accuracy_drop": 5.0,
+        }
+    if "benchmark" in present:
+        # The benchmark measures the candidate (the last model made) as label "candidate"; the
+        # gate compares its top-1 with the fp32 accuracy quantize measured.
+        recipe["benchmark"] = {"dataset": {**DIGITS, "split": "test", "limit": 100}, "warmup": 1, "iterations": 3}
+        recipe["gate"] = {"metric": "candidate/top1", "reference_metric": "fp32_accuracy", "max_drop": 0.05, "min_value": 0.5}
+    return recipe
+
+
+@pytest.fixture
+def teacher_uri(s3_bucket, s3_server, tmp_path):
+    """A digits_cnn trained for 2 epochs, uploaded as a state-dict to the S3 model registry."""
+    import torch
+
+    from mnnpipe.data import load_dataset
+    from mnnpipe.models import digits_cnn
+    from mnnpipe.specs import DatasetRef
+    from mnnpipe.train import FitConfig, fit, seed_everything
+
+    seed_everything(0)
+    train = load_dataset(DatasetRef.model_validate({**DIGITS, "split": "train"}), None)
+    model = digits_cnn()
+    fit(model, train, FitConfig(epochs=2, batch_size=64, lr=3e-3))
+    path = tmp_path / "model.pth"
+    torch.save(model.state_dict(), path)
+    s3_server.client().upload_file(str(path), s3_bucket, "models/digits/1/model.pth")
+    return f"s3://{s3_bucket}/models/digits/1/model.pth"
+
+
+def test_compress_pipeline_runs_end_to_end_and_releases(teacher_uri, s3_bucket, s3_server, cache_dir, tmp_path, monkeypatch):
+    # Arrange: kfp.local runs components as subprocesses of this interpreter's environment,
+    # which inherit MNNPIPE_S3_ENDPOINT_URL (the moto server) and the private cache index.
+    from kfp import local
+
+    from mnnpipe.kfp.pipeline import build_pipeline
+    from mnnpipe.kfp.recipe import parse_recipe, recipe_digest
+
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.chdir(tmp_path)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp-root"))
+    recipe = recipe_for_digits()
+    digest = recipe_digest(parse_recipe(recipe))
+    pipeline = build_pipeline(recipe, form="lightweight")
+
+    # Act
+    pipeline(
+        model_uri=teacher_uri,
+        model_name="digits",
+        model_version="1",
+        store_prefix=f"s3://{s3_bucket}/runs",
+        release_root=f"s3://{s3_bucket}/released",
+    )
+
+    # Assert: the release holds an int8/fp32 .mnn whose bytes match its manifest, written last.
+    s3 = s3_server.client()
+    release = f"released/digits/1/{digest}"
+    manifest = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"{release}/manifest.json")["Body"].read())
+    assert manifest["step"] == "gate"
+    assert manifest["spec"]["recipe_digest"] == digest
+    model_art = manifest["artifacts"]["model.mnn"]
+    body = s3.get_object(Bucket=s3_bucket, Key=f"{release}/model.mnn")["Body"].read()
+    assert len(body) == model_art["size"] > 0
+    assert manifest["result"]["value"] >= 0.5
+    # Every step published its own manifest under the run prefix in the step store.
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix=f"runs/digits/1/{digest}/")["Contents"]}
+    for step in [s for s in ("distill", "prune", "convert", "quantize", "benchmark") if s in recipe]:
+        assert f"runs/digits/1/{digest}/{step}/manifest.json" in keys
+
+
+# --------------------------------------------------------------------------- fake KFP API server
+
+
+class FakeKfpApi:
+    """A minimal KFP v2beta1 REST API on 127.0.0.1 that records every request kfp.Client makes."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, str, dict]] = []
+        self.experiments: list[dict] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _reply(self, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                api.requests.append(("GET", self.path, {}))
+                if "/healthz" in self.path:
+                    self._reply({"multi_user": False})
+                elif "/experiments" in self.path:
+                    self._reply({"experiments": api.experiments, "total_size": len(api.experiments)} if api.experiments else {})
+                else:
+                    self._reply({})
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                api.requests.append(("POST", self.path, body))
+                if self.path.endswith("/experiments"):
+                    exp = {"experiment_id": f"exp-{len(api.experiments) + 1}", "display_name": body.get("display_name")}
+                    api.experiments.append(exp)
+                    self._reply(exp)
+                elif self.path.endswith("/recurringruns"):
+                    self._reply({**body, "recurring_run_id": "rr-1"})
+                elif self.path.endswith("/runs"):
+                    self._reply({**body, "run_id": f"run-{len(api.posts('/runs'))}"})
+                else:
+                    self._reply({})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def posts(self, suffix: str) -> list[dict]:
+        return [body for method, path, body in self.requests if method == "POST" and path.endswith(suffix)]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def kfp_api():
+    api = FakeKfpApi()
+    yield api
+    api.stop()
+
+
+@pytest.fixture
+def kfp_client(kfp_api):
+    import kfp
+
+    return kfp.Client(host=kfp_api.host)
+
+
+def test_nightly_creates_recurring_run_with_cron_pipeline_and_params(kfp_api, kfp_client):
+    # Arrange
+    from mnnpipe.kfp.schedule import create_nightly_run
+
+    params = {"model_uri": "s3://models/digits/1/model.pth", "model_name": "digits", "model_version": "1"}
+
+    # Act
+    create_nightly_run(kfp_client, recipe_for_digits(), params=params, cron_expression="0 30 1 * * *")
+
+    # Assert
+    (body,) = kfp_api.posts("/recurringruns")
+    assert body["trigger"]["cron_schedule"]["cron"] == "0 30 1 * * *"
+    assert body["no_catchup"] is True
+    assert int(body["max_concurrency"]) == 1
+    assert body["runtime_config"]["parameters"] == params
+    spec = body["pipeline_spec"]
+    assert spec["pipelineInfo"]["name"] == "mnnpipe-compress"
+    assert "comp-mnnpipe-gate" in spec["components"]
+
+
+def test_nightly_rejects_a_five_field_cron_before_calling_the_api(kfp_api, kfp_client):
+    from mnnpipe.errors import SpecError
+    from mnnpipe.kfp.schedule import create_nightly_run
+
+    with pytest.raises(SpecError, match="6 fields"):
+        create_nightly_run(kfp_client, recipe_for_digits(), params={}, cron_expression="0 2 * * *")
+    assert kfp_api.posts("/recurringruns") == []
+
+
+def test_recompress_starts_runs_only_for_versions_without_a_release(kfp_api, kfp_client, s3_bucket, s3_server):
+    # Arrange: three versions in the registry; version 2 already released with this recipe,
+    # version 3 released with a different recipe (other digest) only.
+    from mnnpipe.kfp.recipe import parse_recipe, recipe_digest
+    from mnnpipe.kfp.schedule import recompress
+
+    s3 = s3_server.client()
+    for version in ("1", "2", "3"):
+        s3.put_object(Bucket=s3_bucket, Key=f"models/digits/{version}/model.pth", Body=b"weights")
+    s3.put_object(Bucket=s3_bucket, Key="models/digits/3/notes.txt", Body=b"not a model")
+    recipe = recipe_for_digits()
+    digest = recipe_digest(parse_recipe(recipe))
+    s3.put_object(Bucket=s3_bucket, Key=f"released/digits/2/{digest}/manifest.json", Body=b"{}")
+    s3.put_object(Bucket=s3_bucket, Key="released/digits/3/0123456789abcdef/manifest.json", Body=b"{}")
+    kwargs = dict(release_root=f"s3://{s3_bucket}/released", store_prefix=f"s3://{s3_bucket}/runs")
+
+    # Act
+    started = recompress(kfp_client, f"s3://{s3_bucket}/models/digits", recipe, **kwargs)
+    s3.put_object(Bucket=s3_bucket, Key=f"released/digits/1/{digest}/manifest.json", Body=b"{}")
+    s3.put_object(Bucket=s3_bucket, Key=f"released/digits/3/{digest}/manifest.json", Body=b"{}")
+    again = recompress(kfp_client, f"s3://{s3_bucket}/models/digits", recipe, **kwargs)
+
+    # Assert
+    assert [v.version for v in started] == ["1", "3"]
+    assert again == []
+    runs = kfp_api.posts("/runs")
+    assert len(runs) == 2
+    params = [r["runtime_config"]["parameters"] for r in runs]
+    assert [p["model_uri"] for p in params] == [f"s3://{s3_bucket}/models/digits/1/model.pth", f"s3://{s3_bucket}/models/digits/3/model.pth"]
+    assert all(p["model_name"] == "digits" and p["release_root"] == f"s3://{s3_bucket}/released" for p in params)
+
+
+def test_recompress_with_an_invalid_recipe_starts_nothing(kfp_api, kfp_client, s3_bucket, s3_server):
+    from mnnpipe.errors import SpecError
+    from mnnpipe.kfp.schedule import recompress
+
+    s3_server.client().put_object(Bucket=s3_bucket, Key="models/digits/1/model.pth", Body=b"weights")
+    recipe = recipe_for_digits()
+    recipe["convert"]["num_samples"] = 0
+
+    with pytest.raises(SpecError, match=r"recipe\.convert\.num_samples"):
+        recompress(kfp_client, f"s3://{s3_bucket}/models/digits", recipe, release_root=f"s3://{s3_bucket}/released")
+    assert kfp_api.posts("/runs") == []
