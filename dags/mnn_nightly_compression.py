@@ -1,5 +1,5 @@
-"""Nightly: distil the newest model version into a smaller student, then convert, quantize to
-full int8 and benchmark it.
+"""Nightly: distil the newest model version into a half-width student, prune a quarter of its
+channels and fine-tune them back, then convert, quantize to full int8 and benchmark it.
 
 Runs at 02:00 UTC, no catch-up, one run at a time. Takes the newest version under the model
 registry (`{model_registry}/{version}/model.pt`, processed or not: nightly re-runs are cheap,
@@ -7,7 +7,7 @@ every step serves an identical earlier run from mnnpipe's content-addressed cach
 each step to `{artifact_prefix}/nightly/{ds}/{step}`.
 
 Configuration (see mnnpipe.airflow.config): params / Variables / env `model_registry`,
-`artifact_prefix`; params `distill_epochs`, `student_width`; env MNNPIPE_AIRFLOW_EXECUTION
+`artifact_prefix`; params `distill_epochs`, `finetune_epochs`; env MNNPIPE_AIRFLOW_EXECUTION
 (kubernetes | in_process).
 """
 
@@ -24,7 +24,10 @@ MODEL_INPUT = {"name": "input", "shape": [1, 1, 8, 8]}
 DATA = {"format": "sklearn-digits", "preprocess": {"channels": "GRAY"}}
 CALIBRATION = {**DATA, "split": "train", "limit": 64}
 EVALUATION = {**DATA, "split": "test"}
-STUDENT = "digits_cnn"
+STUDENT = {"architecture": "digits_cnn", "width": 0.5}
+# How prune rebuilds the student from the student.pth distill publishes (it needs nn.Modules).
+STUDENT_FACTORY = {"factory": "mnnpipe.models:digits_cnn", "factory_kwargs": {"num_classes": 10, "in_channels": 1, "width": 0.5}}
+PRUNE_RATIO = 0.25
 
 ARTIFACTS = config.setting("artifact_prefix") + "/nightly/{{ ds }}"
 
@@ -37,7 +40,7 @@ with DAG(
     params={
         **config.params(),
         "distill_epochs": Param(20, type="integer", minimum=1, maximum=1000, description="Student training epochs."),
-        "student_width": Param(0.5, type="number", exclusiveMinimum=0, maximum=4, description="Student width multiplier."),
+        "finetune_epochs": Param(3, type="integer", minimum=1, maximum=1000, description="Fine-tuning epochs after pruning."),
     },
     tags=["mnnpipe"],
     doc_md=__doc__,
@@ -59,17 +62,29 @@ with DAG(
         "distill",
         spec={
             "teacher": {"uri": "{{ ti.xcom_pull(task_ids='latest_model')['model_uri'] }}", "format": "torchscript"},
-            "student": {"architecture": STUDENT, "width": "{{ params.student_width }}"},
+            "student": STUDENT,
             "dataset": {**DATA, "split": "all"},
             "training": {"epochs": "{{ params.distill_epochs }}", "batch_size": 64, "lr": 0.003},
             "output": f"{ARTIFACTS}/distill",
         },
     )
+    prune = step_operator(
+        "prune",
+        spec={
+            "model": {"uri": artifact_uri("distill", "student.pth"), "format": "state-dict", **STUDENT_FACTORY},
+            "input": MODEL_INPUT,
+            "method": "structured",
+            "target": {"ratio": PRUNE_RATIO},
+            "finetune": {"dataset": {**DATA, "split": "train"}, "epochs": "{{ params.finetune_epochs }}", "lr": 0.002},
+            "eval_dataset": EVALUATION,
+            "output": f"{ARTIFACTS}/prune",
+        },
+    )
     steps = compress_chain(
-        model_uri=artifact_uri("distill", "model.pt"),
+        model_uri=artifact_uri("prune", "model.pt"),
         output=ARTIFACTS,
         model_input=MODEL_INPUT,
         calibration=CALIBRATION,
         evaluation=EVALUATION,
     )
-    latest >> distill >> steps[0]
+    latest >> distill >> prune >> steps[0]

@@ -27,7 +27,6 @@ MODEL_INPUT = {"name": "input", "shape": [1, 1, 8, 8]}
 DATA = {"format": "sklearn-digits", "preprocess": {"channels": "GRAY"}}
 CALIBRATION = {**DATA, "split": "train", "limit": 64}
 EVALUATION = {**DATA, "split": "test"}
-LAST_STEP = "benchmark"
 SENSOR_TIMEOUT = 55 * 60  # below the hourly schedule: one waiting sensor at a time
 
 ARTIFACTS = config.setting("artifact_prefix") + "/versions"
@@ -43,19 +42,19 @@ with DAG(
     tags=["mnnpipe"],
     doc_md=__doc__,
 ) as dag:
-    wait = MnnNewModelVersionSensor(
-        task_id="wait_for_new_model",
-        registry=config.setting("model_registry"),
-        processed_marker=default_marker(ARTIFACTS, LAST_STEP),
-        poke_interval=60,
-        timeout=SENSOR_TIMEOUT,
-        soft_fail=True,
-    )
     steps = compress_chain(
         model_uri="{{ %s['model_uri'] }}" % FOUND,
         output=ARTIFACTS + "/{{ %s['version'] }}" % FOUND,
         model_input=MODEL_INPUT,
         calibration=CALIBRATION,
         evaluation=EVALUATION,
+    )
+    wait = MnnNewModelVersionSensor(
+        task_id="wait_for_new_model",
+        registry=config.setting("model_registry"),
+        processed_marker=default_marker(ARTIFACTS, steps[-1].step),  # its manifest is published last
+        poke_interval=60,
+        timeout=SENSOR_TIMEOUT,
+        soft_fail=True,
     )
     wait >> steps[0]

@@ -24,7 +24,7 @@ def digits(split: str, **extra: Any) -> dict[str, Any]:
     return {**DIGITS, "split": split, **extra}
 
 
-def train_teacher(folder: Path, epochs: int = 30) -> Path:
+def train_teacher(folder: Path, epochs: int = 15) -> Path:
     """A digits CNN trained from scratch: the model a team would bring to the pipeline."""
     import torch
 
@@ -59,7 +59,7 @@ def pipeline_specs(workdir: Path, teacher: Path) -> list[tuple[str, Any]]:
             "dataset": {**DIGITS},
             "temperature": 4.0,
             "alpha": 0.7,
-            "training": {"epochs": 30, "lr": 2e-3, "patience": 8},
+            "training": {"epochs": 20, "lr": 2e-3, "patience": 6},
         }),
         ("prune", lambda r: {
             "output": out("prune"),

@@ -62,6 +62,14 @@ class StepContext:
             self.input_digests[uri] = sha256_path(path)
         return self.input_paths[uri]
 
+    def child(self, name: str) -> StepContext:
+        """A context for running another step's `run` inside this one (its outdir is scratch, not
+        published), sharing the inputs already fetched and digested."""
+        work = self.scratch(name)
+        sub = StepContext(workdir=work, outdir=work / "out", quiet=True, input_paths=self.input_paths, input_digests=self.input_digests)
+        sub.outdir.mkdir(exist_ok=True)
+        return sub
+
     def scratch(self, name: str) -> Path:
         path = self.workdir / "scratch" / name
         path.mkdir(parents=True, exist_ok=True)

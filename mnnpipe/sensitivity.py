@@ -53,8 +53,9 @@ def quantizable_layers(mnn_path: str) -> list[tuple[str, str]]:
     Names come from running the model once with MNN's per-op callback: they are the op names the
     quantizer matches `skip_quant_op_names` against (not the tensor names `MNN.expr` shows).
     """
-    import MNN
+    from .engines.mnn import import_mnn
 
+    MNN = import_mnn()
     interpreter = MNN.Interpreter(str(mnn_path))
     session = interpreter.createSession({"numThread": 1})
     seen: list[tuple[str, str]] = []

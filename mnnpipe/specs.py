@@ -231,6 +231,15 @@ class StepSpec(Strict):
     def _output(cls, v: str) -> str:
         return check_uri(v, "output")
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        # Every step declares `kind: Literal["<step>"]`; document it once here, for all of them.
+        super().__pydantic_init_subclass__(**kwargs)
+        kind = cls.model_fields.get("kind")
+        if kind is not None and not kind.description:
+            kind.description = "The step this spec is for (a discriminator: specs of several steps can share one file or union)."
+            cls.model_rebuild(force=True)
+
 
 class Artifact(BaseModel):
     """A published file: where it is and what its bytes are."""

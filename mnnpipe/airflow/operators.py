@@ -253,6 +253,8 @@ class MnnStepOperator(BaseOperator):
         """The KubernetesPodOperator that runs this step in the step image (not added to any DAG).
 
         Its pod can be rendered without a cluster: `.build_pod_request_obj(context=None)`.
+        It runs synchronously inside this task (not deferrable): the pod operator is created per
+        execution, so the switch stays one argument rather than two operator classes.
         """
         from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
         from kubernetes.client import models as k8s
@@ -275,6 +277,8 @@ class MnnStepOperator(BaseOperator):
             do_xcom_push=True,
             get_logs=True,
             on_finish_action="delete_pod",
+            # Executed from this operator's execute(): Airflow 3.3 allows it and logs a warning.
+            allow_nested_operators=True,
             **self.kubernetes_kwargs,
         )
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..steps import available_steps
 from . import config
 from .operators import MnnStepOperator, operator_class
 
@@ -38,7 +37,7 @@ def compress_chain(
     max_accuracy_drop: float = 1.0,
     benchmark_iterations: int = 30,
 ) -> list[MnnStepOperator]:
-    """convert -> quantize (full int8) -> benchmark (when the installation has it), in the current DAG.
+    """convert -> quantize (full int8) -> benchmark, in the current DAG.
 
     `model_uri` and `output` may be templates; each step publishes under `{output}/{step}`.
     Returns the operators in order; the last one's marker `{output}/{last step}/manifest.json`
@@ -60,23 +59,20 @@ def compress_chain(
             "output": f"{output}/quantize",
         },
     )
-    chain = [convert, quantize]
-    if "benchmark" in available_steps():
-        chain.append(
-            step_operator(
-                "benchmark",
-                spec=benchmark_spec(
-                    models={
-                        "source": {"uri": model_uri, "format": "torchscript"},
-                        "mnn-fp32": {"uri": artifact_uri("convert", "model.mnn"), "format": "mnn"},
-                        "mnn-int8": {"uri": artifact_uri("quantize", "model.mnn"), "format": "mnn"},
-                    },
-                    evaluation=evaluation,
-                    iterations=benchmark_iterations,
-                    output=f"{output}/benchmark",
-                ),
-            )
-        )
+    benchmark = step_operator(
+        "benchmark",
+        spec=benchmark_spec(
+            models={
+                "source": {"uri": model_uri, "format": "torchscript"},
+                "mnn-fp32": {"uri": artifact_uri("convert", "model.mnn"), "format": "mnn"},
+                "mnn-int8": {"uri": artifact_uri("quantize", "model.mnn"), "format": "mnn"},
+            },
+            evaluation=evaluation,
+            iterations=benchmark_iterations,
+            output=f"{output}/benchmark",
+        ),
+    )
+    chain = [convert, quantize, benchmark]
     for upstream, downstream in zip(chain, chain[1:]):
         upstream >> downstream
     return chain

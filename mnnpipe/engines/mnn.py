@@ -49,6 +49,24 @@ _CONV_TYPES = {"Convolution", "ConvolutionDepthwise", "Deconvolution", "Deconvol
 _PRECISIONS = {"normal", "high", "low"}
 
 
+def import_mnn() -> Any:
+    """Import MNN once with file descriptor 1 pointed at /dev/null: its C++ core prints a
+    "The device supports: ..." banner to stdout on import, which would corrupt the JSON that
+    `mnnpipe run` prints there."""
+    if "MNN" in sys.modules:
+        return sys.modules["MNN"]
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            import MNN  # noqa: F401
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    return sys.modules["MNN"]
+
+
 def _log_lines(text: str) -> list[str]:
     """Log lines without blanks, progress carriage returns or MNN's import banner."""
     lines = []
@@ -231,6 +249,7 @@ class MnnSession:
 
     def run(self, inputs: dict[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run once. A dict is ordered by ``input_names``; a list must already be in that order."""
+        import_mnn()
         import MNN.expr as F
 
         if isinstance(inputs, dict):
@@ -274,6 +293,7 @@ def load_session(
     4). ``precision`` "low" lets MNN use fp16/bf16 arithmetic where the CPU has it. Raises
     InputError when the file is missing or is not a loadable .mnn model.
     """
+    import_mnn()
     import MNN.nn as nn
 
     if precision not in _PRECISIONS:
@@ -322,6 +342,7 @@ def op_types(mnn_path: str | os.PathLike[str], *, timeout_s: float = 600) -> dic
     ``[intN-weights]`` (weight-only quant) or ``[fp16-weights]``. The dump holds every weight as
     JSON text, so it is slow for large models. Raises InputError for a missing/unloadable file.
     """
+    import_mnn()
     import MNN.expr as F
 
     p = Path(mnn_path)

@@ -352,7 +352,9 @@ def _child(job_path: str) -> int:
         ref = ModelRef.model_validate(job["ref"])
         # Import the one runtime this model needs before the baseline, so it is not counted.
         if ref.format == "mnn":
-            import MNN.nn  # noqa: F401
+            from .mnn import import_mnn
+
+            import_mnn()
         elif ref.format == "onnx":
             import onnxruntime  # noqa: F401
         else:

@@ -24,6 +24,7 @@ import copy
 import difflib
 import logging
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -272,7 +273,8 @@ def run(spec: Spec, ctx: StepContext) -> Result:
             _structured_step(model, example, spec, ignored, calib_set, k, (params_before, macs_before, before_channels))
         else:
             _unstructured_step(model, spec, ignored, k)
-        macs, params = _count(model, example)
+        # unstructured masks keep every shape (and tp's counter cannot deepcopy a masked model)
+        macs, params = _count(model, example) if spec.method == "structured" else (macs_before, params_before)
         acc_pruned = accuracy(model, eval_set) if eval_set else None
         acc_finetuned = None
         if spec.finetune:
@@ -607,7 +609,7 @@ def _write_model(
     """
     import torch
 
-    from ..modelio import save_exported, save_torchscript
+    from ..modelio import save_torchscript
     from ..specs import Tolerance
     from ..verify import check, compare
 
@@ -625,7 +627,7 @@ def _write_model(
     pt2_error = None
     if export_pt2:
         try:
-            save_exported(model, (example,), staged / "model.pt2")
+            _save_exported(model, example, staged / "model.pt2")
             with torch.no_grad():
                 got2 = torch.export.load(str(staged / "model.pt2")).module()(verify_x).numpy()
             check(compare([reference], [got2]), strict, "the saved torch.export model")
@@ -639,6 +641,15 @@ def _write_model(
     if (staged / "model.pt2").exists():
         shutil.copyfile(staged / "model.pt2", ctx.outdir / "model.pt2")
     return zeros, total, pt2_error
+
+
+def _save_exported(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """torch.export with a symbolic batch dimension (exported at batch 2: batch 1 would be specialised)."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model.eval(), (example.expand(2, *example.shape[1:]).contiguous(),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
 
 
 def _saved_zeros(saved: torch.jit.ScriptModule) -> tuple[int, int]:

@@ -184,9 +184,10 @@ class Result(StepResult):
 
 def _model_input(mnn_path: Path) -> tuple[str, tuple[int, ...]]:
     """The single input's name and static shape, read from the .mnn."""
-    import MNN.expr as F
+    from ..engines.mnn import import_mnn, load_session
 
-    from ..engines.mnn import load_session
+    import_mnn()
+    import MNN.expr as F
 
     names = load_session(mnn_path).input_names
     if len(names) != 1:
@@ -224,7 +225,6 @@ def _to_mnn(spec: Spec, ctx, name: str, weights: WeightCompression | None = None
     Runs the convert step's own `run` (export, conversion, its verification against the source)
     in a private context; this step then applies its own budget to the result.
     """
-    from ..runner import StepContext
     from . import convert
 
     src = ctx.local(spec.model.uri)
@@ -232,12 +232,10 @@ def _to_mnn(spec: Spec, ctx, name: str, weights: WeightCompression | None = None
         dst = ctx.scratch("fp32") / "model.mnn"
         shutil.copyfile(src, dst)
         return dst
-    work = ctx.scratch(f"convert-{name}")
-    sub = StepContext(workdir=work, outdir=work / "out", quiet=True, input_paths=ctx.input_paths, input_digests=ctx.input_digests)
-    sub.outdir.mkdir(exist_ok=True)
+    sub = ctx.child(f"convert-{name}")
     loose = Tolerance(max_abs_error=None, min_cosine=-1.0, min_top1_agreement=0.0)  # our budget decides
     convert_spec = convert.Spec(
-        output=str(work / "out"),
+        output=str(sub.outdir),
         model=spec.model,
         inputs=_source_inputs(spec, src),
         dynamic_batch=False,

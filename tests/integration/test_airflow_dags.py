@@ -135,7 +135,7 @@ def test_recompress_on_new_model_compresses_the_newest_version(dagbag, s3_server
     assert next_version(conf["model_registry"], "model.pt", marker) is None
 
 
-def test_nightly_compression_distils_and_compresses_the_latest_version(dagbag, s3_server, s3_bucket, cache_dir, digits_model) -> None:
+def test_nightly_compression_distils_prunes_and_compresses_the_latest_version(dagbag, s3_server, s3_bucket, cache_dir, digits_model) -> None:
     from airflow.models.variable import Variable
 
     from mnnpipe.steps import step_module
@@ -147,7 +147,7 @@ def test_nightly_compression_distils_and_compresses_the_latest_version(dagbag, s
     try:
         run = dagbag.get_dag("mnn_nightly_compression").test(
             logical_date=pendulum.datetime(2026, 3, 4, 2, tz="UTC"),
-            run_conf={"model_registry": f"s3://{s3_bucket}/models", "distill_epochs": 1},
+            run_conf={"model_registry": f"s3://{s3_bucket}/models", "distill_epochs": 1, "finetune_epochs": 1},
         )
     finally:
         Variable.delete("mnnpipe_artifact_prefix")
@@ -158,7 +158,9 @@ def test_nightly_compression_distils_and_compresses_the_latest_version(dagbag, s
     distilled = step_module("distill").Result.model_validate(results["distill"])
     assert distilled.epochs_run == 1
     assert distilled.student_params < distilled.teacher_params
-    for step in ("distill", *STEPS):
+    pruned = step_module("prune").Result.model_validate(results["prune"])
+    assert pruned.model_dump()["artifacts"]["model.pt"]["size"] < distilled.model_dump()["artifacts"]["model.pt"]["size"]
+    for step in ("distill", "prune", *STEPS):
         assert results[step]["output"] == f"s3://{s3_bucket}/from-variable/nightly/2026-03-04/{step}"
         assert _exists(s3_server, s3_bucket, f"from-variable/nightly/2026-03-04/{step}/manifest.json")
     convert = step_module("convert").Result.model_validate(results["convert"])
@@ -187,3 +189,32 @@ def test_training_handoff_publishes_a_version_and_queues_recompression(dagbag, s
     assert event.asset_id == asset_id
     assert event.extra == {"version": "20260506T070809", "model_uri": f"s3://{s3_bucket}/models/20260506T070809/model.pt"}
     assert "mnn_recompress_on_new_model" in queued
+
+
+def test_the_pod_command_runs_the_step_outside_airflow(s3_server, s3_bucket, cache_dir, digits_model, tmp_path) -> None:
+    """What a pod would run, run here: the kubernetes mode's command is a working step invocation."""
+    import json
+    import shutil
+    import subprocess
+
+    pytest.importorskip("airflow.providers.cncf.kubernetes", reason="needs the k8s extra")
+    from mnnpipe.airflow.operators import POD_RESULT_PATH, MnnConvertOperator
+    from mnnpipe.steps import step_module
+
+    model_uri = _publish_version(s3_server, s3_bucket, "v5", digits_model)
+    op = MnnConvertOperator(
+        task_id="convert",
+        execution="kubernetes",
+        spec={"model": {"uri": model_uri}, "inputs": [{"shape": [1, 1, 8, 8]}], "output": f"s3://{s3_bucket}/pod/convert"},
+    )
+    argv = op.pod_command(op.validated_spec())
+    result_file = tmp_path / "return.json"
+    argv[argv.index(POD_RESULT_PATH)] = str(result_file)  # the xcom sidecar's folder exists only in a pod
+    argv[0] = shutil.which("mnnpipe")
+
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = step_module("convert").Result.model_validate(json.loads(result_file.read_text()))
+    assert result.output == f"s3://{s3_bucket}/pod/convert"
+    assert _exists(s3_server, s3_bucket, "pod/convert/manifest.json")

@@ -164,6 +164,18 @@ def test_container_resources_must_be_kubernetes_quantities() -> None:
         )
 
 
+def test_a_missing_input_fails_the_task_without_retries(tmp_path: Path) -> None:
+    needs_convert()
+    from airflow.sdk.exceptions import AirflowFailException
+
+    spec = {**CONVERT_SPEC, "model": {"uri": str(tmp_path / "absent" / "model.pt")}, "output": str(tmp_path / "out")}
+    op = operator_class("convert")(task_id="convert", spec=spec, execution="in_process", retries=3)
+
+    with pytest.raises(AirflowFailException, match=r"convert: .*absent/model.pt"):
+        op.execute({})
+    assert not (tmp_path / "out" / "manifest.json").exists()  # nothing published
+
+
 class _FakeTI:
     """Stands in for a task instance in a template context: only xcom_pull is used."""
 
