@@ -49,7 +49,7 @@ with DAG(
     @task
     def latest_model() -> dict[str, str]:
         """The newest version in the registry; fails when the registry holds none."""
-        from mnnpipe.airflow.registry import list_versions
+        from mnnpipe.registry import list_versions
 
         registry = config.resolve("model_registry", get_current_context()["params"])
         versions = list_versions(registry, "model.pt")

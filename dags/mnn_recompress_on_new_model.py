@@ -19,7 +19,7 @@ from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable
 
 from mnnpipe.airflow import config
 from mnnpipe.airflow.pipelines import compress_chain
-from mnnpipe.airflow.registry import default_marker
+from mnnpipe.registry import default_marker
 from mnnpipe.airflow.sensors import MnnNewModelVersionSensor
 
 # The model this DAG compresses: the digits example. Edit for your model (see dags/README.md).

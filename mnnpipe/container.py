@@ -1,7 +1,9 @@
-"""The step image and the command it runs: one definition shared by every orchestrator adapter.
+"""The step image and the command that runs a step in it, shared by the orchestrator adapters.
 
-The KFP component and the Airflow KubernetesPodOperator both start `DEFAULT_IMAGE` with
-`step_command(...)`, so a step behaves the same whichever scheduler launched it.
+KFP container components and Airflow's KubernetesPodOperator both start `default_image()`
+(entrypoint `mnnpipe`). Airflow pods run `step_command(...)` (`mnnpipe run STEP --spec-json`);
+KFP components run `mnnpipe kfp-launch`, which maps KFP's artifacts into the same spec and
+calls the same `runner.run_step`.
 """
 
 from __future__ import annotations

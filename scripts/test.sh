@@ -4,7 +4,7 @@
 # Airflow dag.test). Extra arguments go to pytest, e.g. `bash scripts/test.sh tests/unit -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup-env.sh .venv kfp,airflow,dev
+bash scripts/setup-env.sh .venv kfp,airflow,k8s,dev
 set +e
 .venv/bin/python -m pytest "$@"
 code=$?

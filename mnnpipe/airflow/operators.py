@@ -14,8 +14,8 @@
   time a templated value (and the object holding it) is checked only as far as its template
   allows: `s3://bucket/{{ ds }}/model.pt` still has to be an s3:// URI of a .pt file.
 - `execution` is the one switch: "in_process" calls `mnnpipe.runner.run_step` in the worker;
-  "kubernetes" runs the same step in the step image through a KubernetesPodOperator with the
-  same image and command as the KFP component (`mnnpipe.container`). Either way the step's
+  "kubernetes" runs the same step in the step image through a KubernetesPodOperator: the KFP
+  components' image and the step's CLI command, both from `mnnpipe.container`. Either way the step's
   Result, as a dict, is the task's return value (XCom).
 - Invalid specs and missing inputs (mnnpipe exit code 2) fail the task without retries: retrying
   cannot fix them. Tool and store failures are ordinary failures and retry as configured.
@@ -246,7 +246,7 @@ class MnnStepOperator(BaseOperator):
     # ------------------------------------------------------------------ kubernetes
 
     def pod_command(self, spec: StepSpec) -> list[str]:
-        """The container command: the KFP component's, plus where the xcom sidecar finds the result."""
+        """`mnnpipe run STEP --spec-json ...` (mnnpipe.container), writing the Result where the xcom sidecar reads it."""
         return step_command(self.step, spec.model_dump_json(), result_path=POD_RESULT_PATH, use_cache=self.use_cache)
 
     def build_pod_operator(self, spec: StepSpec | None = None):

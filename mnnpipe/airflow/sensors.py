@@ -21,7 +21,7 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from ..errors import SpecError
 from ..specs import check_uri
-from .registry import next_version
+from ..registry import next_version
 from .triggers import NewModelVersionTrigger
 
 if TYPE_CHECKING:
@@ -95,4 +95,4 @@ class MnnNewModelVersionSensor(BaseSensorOperator):
             from airflow.sdk.exceptions import AirflowException
 
             raise AirflowException(f"watching {self.registry} failed: {event.get('message', event)}")
-        return {"version": event["version"], "model_uri": event["model_uri"]}
+        return {key: value for key, value in event.items() if key != "status"}  # same dict as a poke returns

@@ -13,7 +13,7 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from ..errors import MnnpipeError
-from .registry import next_version
+from ..registry import next_version
 
 
 class NewModelVersionTrigger(BaseTrigger):

@@ -271,6 +271,11 @@ class MnnSession:
         outs = self._module.forward(vars_)
         if not isinstance(outs, (list, tuple)):
             outs = [outs]
+        expected = len(self.output_names) or 1
+        if len(outs) != expected:
+            # MNN reports a shape error on stderr and returns no outputs instead of raising.
+            shapes = [list(np.shape(a)) for a in arrays]
+            raise InputError(f"{self.path}: the model cannot run on input shapes {shapes} (MNN computed {len(outs)} of {expected} outputs)")
         result = []
         for o in outs:
             if o.data_format == F.NC4HW4:  # MNN's packed internal layout; callers expect NCHW

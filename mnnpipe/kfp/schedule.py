@@ -10,21 +10,18 @@ new, and a changed recipe (new digest) compresses every version again.
 
 from __future__ import annotations
 
-import re
 import tempfile
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
 from ..specs import check_uri
+from ..registry import ModelVersion, list_versions
 from ..store import MANIFEST, join, store_for
 from .pipeline import DEFAULT_RELEASE_ROOT, DEFAULT_STORE_PREFIX, build_pipeline, compile_pipeline
 from .recipe import parse_recipe, recipe_digest
 
 DEFAULT_CRON = "0 0 2 * * *"  # 02:00 every day; KFP's cron has six fields, seconds first
-_MODEL_FILE = re.compile(r"^model\.(pt|ts|torchscript|pt2|pth|onnx)$")
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def check_cron(expr: str) -> str:
@@ -77,25 +74,6 @@ def create_nightly_run(
         )
 
 
-@dataclass(frozen=True)
-class ModelVersion:
-    name: str
-    version: str
-    uri: str
-
-
-def list_versions(registry_prefix: str) -> list[ModelVersion]:
-    """Model versions under `<registry>/<name>/`: each `<version>/model.<ext>` object is one."""
-    prefix = check_uri(registry_prefix, "registry_prefix").rstrip("/")
-    name = PurePosixPath(prefix.split("://", 1)[-1]).name
-    found: dict[str, ModelVersion] = {}
-    for uri in store_for(prefix).list(prefix):
-        rel = uri[len(prefix) + 1 :].split("/")
-        if len(rel) == 2 and _VERSION.match(rel[0]) and _MODEL_FILE.match(rel[1]):
-            found.setdefault(rel[0], ModelVersion(name=name, version=rel[0], uri=uri))
-    return [found[v] for v in sorted(found)]
-
-
 def release_marker(release_root: str, name: str, version: str, digest: str) -> str:
     return join(release_root, name, version, digest, MANIFEST)
 
@@ -115,18 +93,18 @@ def recompress(
     recipe = parse_recipe(recipe)
     digest = recipe_digest(recipe)
     pending = [
-        v for v in list_versions(registry_prefix) if not store_for(release_root).exists(release_marker(release_root, v.name, v.version, digest))
+        v for v in list_versions(check_uri(registry_prefix, "registry_prefix")) if not store_for(release_root).exists(release_marker(release_root, v.name, v.version, digest))
     ]
     if not pending:
         return []
     with tempfile.TemporaryDirectory(prefix="mnnpipe-kfp-") as tmp:
         package = _compiled(recipe, Path(tmp))
         for v in pending:
-            parse_recipe(recipe, model_uri=v.uri)  # the model file's extension must fit the recipe's format
+            parse_recipe(recipe, model_uri=v.model_uri)  # the model file's extension must fit the recipe's format
             client.create_run_from_pipeline_package(
                 str(package),
                 arguments={
-                    "model_uri": v.uri,
+                    "model_uri": v.model_uri,
                     "model_name": v.name,
                     "model_version": v.version,
                     "store_prefix": store_prefix,

@@ -393,7 +393,12 @@ def run(spec: Spec, ctx) -> Result:
     from ..sensitivity import to_markdown
 
     fp32 = _to_mnn(spec, ctx, "fp32")
-    name, shape = _model_input(fp32)
+    try:
+        name, shape = _model_input(fp32)
+    except InputError as exc:  # name the spec's model, not the scratch copy the message would show
+        msg = str(exc)
+        msg = msg.replace(str(fp32), spec.model.uri) if str(fp32) in msg else f"{spec.model.uri}: {msg}"
+        raise InputError(f"model: {msg}") from None
     ev_ref = spec.evaluation
     ev_data = load_dataset(ev_ref, ctx.local(ev_ref.uri) if ev_ref.uri else None)
     from ..calibration import check_matches_input

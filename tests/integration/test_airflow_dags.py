@@ -12,6 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
+# Airflow reads these when first imported; tests/unit/test_airflow_operators.py sets the same ones.
 os.environ.setdefault("MNNPIPE_TEST_AIRFLOW_HOME", tempfile.mkdtemp(prefix="mnnpipe-airflow-"))
 os.environ["AIRFLOW_HOME"] = os.environ["MNNPIPE_TEST_AIRFLOW_HOME"]
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
@@ -111,7 +112,7 @@ def test_every_dag_imports_without_errors(dagbag) -> None:
 
 
 def test_recompress_on_new_model_compresses_the_newest_version(dagbag, s3_server, s3_bucket, cache_dir, digits_model) -> None:
-    from mnnpipe.airflow.registry import next_version
+    from mnnpipe.registry import next_version
     from mnnpipe.steps import step_module
 
     _publish_version(s3_server, s3_bucket, "v1", digits_model)

@@ -132,6 +132,14 @@ def assets(tmp_path_factory) -> Assets:
     buf = io.BytesIO()
     torch.save(shell, buf)
     _replace_zip_member(root / "model.pt2", root / "evil.pt2", "sample_inputs/model.pt", buf.getvalue())
+    # ...and a .pt2 whose first weight is declared pickled (torch.export.load uses weights_only=False there).
+    with zipfile.ZipFile(root / "model.pt2") as z:
+        config_name = next(n for n in z.namelist() if n.endswith("weights_config.json"))
+        config = json.loads(z.read(config_name))
+    first = next(iter(config["config"].values()))
+    first["use_pickle"] = True
+    _replace_zip_member(root / "model.pt2", root / "half_evil.pt2", config_name, json.dumps(config).encode())
+    _replace_zip_member(root / "half_evil.pt2", root / "evil_weights.pt2", f"weights/{first['path_name']}", buf.getvalue())
 
     # An ONNX model whose weights point outside its folder (external data).
     import onnx
@@ -301,6 +309,7 @@ CASES = [
     case("benchmark", "missing-model-file", lambda a: benchmark_spec(a, models=[{"label": "m", "model": {"uri": a / "missing.onnx"}}]), "missing.onnx"),
     case("benchmark", "random-bytes-mnn", lambda a: benchmark_spec(a, models=[{"label": "m", "model": {"uri": a / "garbage.mnn"}}]), "garbage.mnn"),
     case("benchmark", "state-dict-pickle-runs-code", lambda a: benchmark_spec(a, models=[{"label": "m", "model": state_dict(a / "evil.pth")}]), "evil.pth"),
+    case("benchmark", "pt2-with-pickled-weight", lambda a: benchmark_spec(a, models=[{"label": "m", "model": {"uri": a / "evil_weights.pt2"}}]), "evil_weights.pt2"),
     case("benchmark", "dataset-archive-absolute-member", lambda a: benchmark_spec(a, inputs=[], dataset=folder(a, "absolute.tar.gz")), "evil_abs.png"),
     case("benchmark", "dataset-y-length-mismatch", lambda a: benchmark_spec(a, inputs=[], dataset=npz(a, "short_y.npz")), "short_y.npz"),
     case("benchmark", "declared-shape-differs-from-dataset", lambda a: benchmark_spec(a, inputs=[{"shape": [1, 3, 8, 8]}], dataset=DIGITS), "inputs"),
@@ -364,7 +373,8 @@ def test_bad_input_gives_one_line_exit_2_and_publishes_nothing(step, build, expe
 
 SUBPROCESS_CASES = [
     p for p in CASES if p.id in {
-        "convert-random-bytes-onnx", "distill-teacher-pickle-runs-code", "prune-ratio-one", "benchmark-missing-model-file",
+        "convert-pt2-with-code-running-pickle", "distill-teacher-pickle-runs-code", "prune-ratio-one",
+        "benchmark-missing-model-file",
     }
 ]  # fmt: skip
 
@@ -379,10 +389,10 @@ def test_process_exit_status_is_2(step, build, expect, assets, tmp_path, cache_d
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    lines = proc.stderr.splitlines()
     assert proc.returncode == 2, proc.stderr
-    assert len(errors) == 1 and expect in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], proc.stderr
+    assert proc.stdout == ""
     assert published_files(out) == []
     assert not assets.marker.exists()
 
@@ -442,3 +452,31 @@ def test_tar_device_member_is_refused(tmp_path):
 
     with pytest.raises(InputError, match=r"device\.tar.*0/null\.png"):
         load_dataset(ref, archive)
+
+
+# --------------------------------------------------------------------------- untrusted torch files
+
+
+def test_a_plain_pt2_still_loads_and_the_safety_switch_is_put_back(assets, monkeypatch):
+    from mnnpipe.modelio import load_torch
+    from mnnpipe.specs import ModelRef
+
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
+    x = torch.rand(*SHAPE)
+    reference = torch.jit.load(assets / "model.pt")(x)
+
+    model = load_torch(ModelRef(uri=assets / "model.pt2"), assets.root / "model.pt2")
+
+    torch.testing.assert_close(model(x), reference)
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+def test_pt2_with_a_pickled_weight_is_refused_before_torch_reads_it(assets):
+    from mnnpipe.modelio import load_torch
+    from mnnpipe.specs import ModelRef
+
+    assets.marker.unlink(missing_ok=True)
+
+    with pytest.raises(InputError, match=r"half_evil\.pt2: '.+' is stored as a pickled object"):
+        load_torch(ModelRef(uri=assets / "half_evil.pt2"), assets.root / "half_evil.pt2")
+    assert not assets.marker.exists()

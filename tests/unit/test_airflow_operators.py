@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
-# Airflow reads its home when first imported: point it at a private folder before that.
+# Airflow reads its settings when first imported (AIRFLOW_HOME, the DAGs folder): set them before
+# that, the same as tests/integration/test_airflow_dags.py does, whichever module pytest imports first.
 os.environ.setdefault("MNNPIPE_TEST_AIRFLOW_HOME", tempfile.mkdtemp(prefix="mnnpipe-airflow-"))
 os.environ["AIRFLOW_HOME"] = os.environ["MNNPIPE_TEST_AIRFLOW_HOME"]
-os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(__file__).resolve().parents[2] / "dags")
+os.environ["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
 
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import threading  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -25,7 +28,7 @@ pytest.importorskip("airflow.sdk", reason="needs the airflow extra")
 
 from mnnpipe.airflow import operators  # noqa: E402
 from mnnpipe.airflow.operators import MnnStepOperator, operator_class, spec_dict  # noqa: E402
-from mnnpipe.airflow.registry import list_versions, next_version, version_key  # noqa: E402
+from mnnpipe.registry import list_versions, next_version, version_key  # noqa: E402
 from mnnpipe.container import step_command  # noqa: E402
 from mnnpipe.errors import SpecError  # noqa: E402
 from mnnpipe.steps import available_steps, step_module  # noqa: E402
@@ -323,7 +326,7 @@ def test_sensor_returns_the_version_without_deferring_when_it_is_there(tmp_path:
 
     found = sensor.execute({})
 
-    assert found == {"version": "v3", "model_uri": str(tmp_path / "models" / "v3" / "model.pt")}
+    assert found == {"version": "v3", "model_uri": str(tmp_path / "models" / "v3" / "model.pt"), "name": "models"}
 
 
 def test_sensor_needs_a_version_placeholder_in_its_marker() -> None:
@@ -348,7 +351,7 @@ def test_trigger_fires_once_a_version_is_published(tmp_path: Path) -> None:
     later.start()
     event = asyncio.run(first_event())
 
-    assert event.payload == {"status": "found", "version": "v1", "model_uri": str(registry / "v1" / "model.pt")}
+    assert event.payload == {"status": "found", "version": "v1", "model_uri": str(registry / "v1" / "model.pt"), "name": registry.name}
 
 
 def test_trigger_reports_an_unreadable_store_as_an_error_event(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,21 +6,30 @@ publishes last for it, so a half-finished run does not count). The version to co
 the newest one, unless it is processed already: an older unprocessed version has been superseded
 by a newer one and is never picked, so a backlog does not replay stale models.
 
-Reads go through mnnpipe's store (file:// or s3://), the same seam the steps use.
+Two policies share this listing: Airflow's sensor compresses only the newest unprocessed version
+(`next_version`); KFP's `recompress` starts a run for every version without a release for the
+recipe (a recipe change recompresses the back catalogue). Reads go through mnnpipe's store
+(file:// or s3://), the same seam the steps use.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
 
-from ..store import join, store_for
+from .store import join, store_for
+
+#: Model files a version folder may hold when no exact file name is asked for.
+MODEL_FILE = re.compile(r"^model\.(pt|ts|torchscript|pt2|pth|onnx)$")
+VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
 class ModelVersion:
     version: str
     model_uri: str
+    name: str = ""  # the registry folder's last segment, e.g. "digits"
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -31,16 +40,18 @@ def version_key(version: str) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", version) if part)
 
 
-def list_versions(registry: str, model_filename: str) -> list[ModelVersion]:
-    """Every `{registry}/{version}/{model_filename}`, oldest first."""
+def list_versions(registry: str, model_filename: str | None = None) -> list[ModelVersion]:
+    """Every `{registry}/{version}/{model_filename}` (any `model.<ext>` when None), oldest first."""
     base = registry.rstrip("/") + "/"
-    found = []
+    name = PurePosixPath(base.split("://", 1)[-1]).name
+    found: dict[str, ModelVersion] = {}
     for uri in store_for(base).list(base):
-        rel = uri[len(base) :]
-        parts = rel.split("/")
-        if len(parts) == 2 and parts[1] == model_filename and parts[0]:
-            found.append(ModelVersion(version=parts[0], model_uri=uri))
-    return sorted(found, key=lambda v: version_key(v.version))
+        parts = uri[len(base) :].split("/")
+        if len(parts) != 2 or not VERSION.match(parts[0]):
+            continue
+        if parts[1] == model_filename or (model_filename is None and MODEL_FILE.match(parts[1])):
+            found.setdefault(parts[0], ModelVersion(version=parts[0], model_uri=uri, name=name))
+    return sorted(found.values(), key=lambda v: version_key(v.version))
 
 
 def marker_uri(processed_marker: str, version: str) -> str:
