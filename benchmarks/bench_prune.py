@@ -60,20 +60,13 @@ def latency_ms(mnn_path: Path, iters: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def to_mnn(model_pt: str, work: Path, name: str, extra: list[str] | None = None, bits: int | None = None) -> Path:
-    """TorchScript -> ONNX -> .mnn. `extra` converter flags go through the engine's tool runner."""
+def to_mnn(model_pt: str, work: Path, name: str, sparse: bool = False, bits: int | None = None) -> Path:
+    """TorchScript -> ONNX -> .mnn, optionally with the converter's sparse weight storage."""
     onnx_path = work / f"{name}.onnx"
     if not onnx_path.exists():
         export_onnx(torch.jit.load(model_pt), (torch.rand(*SHAPE),), onnx_path, input_names=["input"], dynamic_batch=False)
-    dst = work / f"{name}{'-w' + str(bits) if bits else ''}{'-sparse' if extra else ''}.mnn"
-    if not extra:
-        E.convert_onnx_to_mnn(onnx_path, dst, weight_quant_bits=bits)
-        return dst
-    # convert_onnx_to_mnn has no flag for sparse detection: same runner, one more argument
-    args = ["-f", "ONNX", "--modelFile", str(onnx_path), "--MNNModel", str(dst), "--bizCode", "mnnpipe", *extra]
-    if bits:
-        args += ["--weightQuantBits", str(bits)]
-    E._run_tool("mnnconvert", args, output=dst, timeout_s=600)
+    dst = work / f"{name}{'-w' + str(bits) if bits else ''}{'-sparse' if sparse else ''}.mnn"
+    E.convert_onnx_to_mnn(onnx_path, dst, weight_quant_bits=bits, detect_sparse=sparse)
     return dst
 
 
@@ -154,9 +147,9 @@ def unstructured(work: Path, iters: int) -> list[str]:
         name = f"resnet18-sparse{int(sparsity * 100)}"
         files = [
             to_mnn(r.artifacts["model.pt"].uri, work, name),
-            to_mnn(r.artifacts["model.pt"].uri, work, name, extra=["--detectSparseSpeedUp"]),
+            to_mnn(r.artifacts["model.pt"].uri, work, name, sparse=True),
             to_mnn(r.artifacts["model.pt"].uri, work, name, bits=8),
-            to_mnn(r.artifacts["model.pt"].uri, work, name, extra=["--detectSparseSpeedUp"], bits=8),
+            to_mnn(r.artifacts["model.pt"].uri, work, name, sparse=True, bits=8),
         ]
         sizes = " | ".join(f"{f.stat().st_size / 1e6:.2f}" for f in files)
         times = " | ".join(f"{latency_ms(f, iters):.1f}" for f in files)

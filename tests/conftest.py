@@ -18,6 +18,9 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "mnnpipe-test-secret-sentinel")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("MNNPIPE_CACHE_URI", None)
+# Tiny models on a 2-core machine: one torch thread per process is several times faster than
+# two threads fighting the other test processes (measured: 3 digits epochs 91 s -> ~15 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 class S3Server:

@@ -135,9 +135,13 @@ def convert_onnx_to_mnn(
     weight_quant_asymmetric: bool = False,
     weight_quant_block: int = 0,
     hqq: bool = False,
+    detect_sparse: bool = False,
     timeout_s: float = 600,
 ) -> str:
     """Convert an ONNX model to .mnn; return the last lines of the converter's log.
+
+    ``detect_sparse`` (--detectSparseSpeedUp) stores sparse weights compactly; it is the only
+    way the converter shrinks a pruned-to-zeros model (see benchmarks/results/prune.md).
 
     ``fp16`` halves storage only (weights go back to float at load). ``weight_quant_bits`` (2-8)
     stores conv/matmul weights as low-bit integers (size only, no speed-up with memory mode 0);
@@ -164,6 +168,8 @@ def convert_onnx_to_mnn(
             args += ["--weightQuantBlock", str(weight_quant_block)]
         if hqq:
             args.append("--hqq")
+    if detect_sparse:
+        args.append("--detectSparseSpeedUp")
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         lines = _run_tool("mnnconvert", args, output=dst, timeout_s=timeout_s)

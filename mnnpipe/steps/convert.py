@@ -54,6 +54,11 @@ class WeightCompression(Strict):
     hqq: bool = Field(
         False, description="Half-quadratic quantization of the weights (--hqq; implies asymmetric); needs `bits`."
     )
+    detect_sparse: bool = Field(
+        False,
+        description="Store sparse weights compactly (--detectSparseSpeedUp): 90%-sparse ResNet-18 fp32 shrinks to "
+        "about 0.2x; without it zeros save nothing. No measured speed-up on x86.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> WeightCompression:
@@ -69,7 +74,7 @@ class WeightCompression(Strict):
 
     @property
     def lossless(self) -> bool:
-        return not self.fp16 and self.bits is None
+        return not self.fp16 and self.bits is None  # sparse storage is exact too
 
     def converter_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for engines.mnn.convert_onnx_to_mnn."""
@@ -79,6 +84,7 @@ class WeightCompression(Strict):
             "weight_quant_asymmetric": self.asymmetric,
             "weight_quant_block": self.block_size,
             "hqq": self.hqq,
+            "detect_sparse": self.detect_sparse,
         }
 
 

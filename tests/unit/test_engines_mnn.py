@@ -77,6 +77,26 @@ def test_fp16_and_weight_quant_sizes(models) -> None:
         E.convert_onnx_to_mnn(models["onnx"], d / "x.mnn", fp16=True, weight_quant_bits=8)
 
 
+def test_sparse_weights_shrink_only_with_detect_sparse(models, tmp_path: Path) -> None:
+    sparse = _Net().eval()
+    sparse.load_state_dict(models["torch"].state_dict())
+    with torch.no_grad():
+        for mod in sparse.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                w = mod.weight
+                w.mul_(w.abs() > w.abs().flatten().quantile(0.9))  # 90% zeros
+    onnx_path = tmp_path / "sparse.onnx"
+    torch.onnx.export(sparse, torch.randn(1, 3, 32, 32), str(onnx_path), dynamo=False, opset_version=13, input_names=["image"])
+    E.convert_onnx_to_mnn(onnx_path, tmp_path / "dense-storage.mnn")
+    E.convert_onnx_to_mnn(onnx_path, tmp_path / "sparse-storage.mnn", detect_sparse=True)
+    dense, compact = ((tmp_path / f).stat().st_size for f in ("dense-storage.mnn", "sparse-storage.mnn"))
+    assert compact < 0.5 * dense
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    (a,) = E.load_session(tmp_path / "dense-storage.mnn").run([x])
+    (b,) = E.load_session(tmp_path / "sparse-storage.mnn").run([x])
+    assert np.abs(a - b).max() < 1e-4
+
+
 def test_full_int8_quantization(models, tmp_path: Path) -> None:
     from PIL import Image
 
