@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from .errors import InputError, IntegrityError, StoreError
 
@@ -70,6 +70,7 @@ class Store(Protocol):
     def put(self, src: Path, uri: str) -> None: ...
     def read_bytes(self, uri: str) -> bytes: ...
     def write_bytes(self, data: bytes, uri: str, *, if_absent: bool = False) -> bool: ...
+    def swap(self, uri: str, update: Callable[[bytes | None], bytes | None]) -> bytes | None: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, uri: str) -> None: ...
 
@@ -124,6 +125,38 @@ class LocalStore:
             return True
         self._atomic(dest, lambda tmp: tmp.write_bytes(data))
         return True
+
+    def swap(self, uri: str, update: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        """Compare-and-swap: `update(current)` returns the new bytes, or None to leave it. Writers
+        are serialised by an O_EXCL lock file (stale after 60 s, e.g. after a SIGKILL)."""
+        import time
+
+        dest = local_path(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        lock = dest.with_name(f".{dest.name}.lock")
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                break
+            except FileExistsError:
+                try:
+                    if time.time() - lock.stat().st_mtime > 60:
+                        lock.unlink(missing_ok=True)
+                        continue
+                except FileNotFoundError:
+                    continue
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{uri}: could not lock for update within 120 s") from None
+                time.sleep(0.01)
+        try:
+            current = dest.read_bytes() if dest.exists() else None
+            new = update(current)
+            if new is not None:
+                self._atomic(dest, lambda tmp: tmp.write_bytes(new))
+            return new
+        finally:
+            lock.unlink(missing_ok=True)
 
     def list(self, prefix: str) -> list[str]:
         root = local_path(prefix)
@@ -291,6 +324,35 @@ class S3Store:
             raise self._fail("put", uri, e) from None
         except Exception as e:
             raise self._fail("put", uri, e) from None
+
+    def swap(self, uri: str, update: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        """Compare-and-swap with S3 conditional writes (If-Match on the ETag read, If-None-Match
+        when absent); a concurrent writer makes the put fail with 412 and we re-read and retry."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        for _ in range(20):
+            try:
+                obj = self.client.get_object(Bucket=bucket, Key=key)
+                current, condition = obj["Body"].read(), {"IfMatch": obj["ETag"]}
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                    raise self._fail("get", uri, e) from None
+                current, condition = None, {"IfNoneMatch": "*"}
+            except Exception as e:
+                raise self._fail("get", uri, e) from None
+            new = update(current)
+            if new is None:
+                return None
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=new, **condition)
+                return new
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    raise self._fail("put", uri, e) from None
+            except Exception as e:
+                raise self._fail("put", uri, e) from None
+        raise StoreError(f"{uri}: too many concurrent updates; gave up after 20 attempts")
 
     def list(self, prefix: str) -> list[str]:
         bucket, key = split_s3(prefix.rstrip("/") + "/")

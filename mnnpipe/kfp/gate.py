@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from ..errors import InputError, SpecError, StepFailed
+from ..release import point_latest
 from ..specs import StepResult, StepSpec
 
 GATE = "gate"
@@ -67,6 +68,7 @@ class GateResult(StepResult):
     drop: float | None = Field(None, description="How much worse than the reference the candidate is (>0: worse).")
     released: str = Field(description="The release prefix the model was published under.")
     source: str = Field(description="The step-store URI of the released model.")
+    latest_moved: bool = Field(False, description="True when `<release_root>/<name>/latest.json` now names this release.")
 
 
 def parse_gate_spec(data: dict[str, Any]) -> GateSpec:
@@ -147,4 +149,10 @@ def run_gate(spec_json: str | dict[str, Any], *, artifacts: dict[str, Any], uris
         key = json.dumps({"gate": spec.model_dump(mode="json"), "inputs": digests}, sort_keys=True)
         import hashlib
 
-        return publish(GATE, spec, result, outdir, digests, hashlib.sha256(key.encode()).hexdigest(), started)
+        published = publish(GATE, spec, result, outdir, digests, hashlib.sha256(key.encode()).hexdigest(), started)
+    # The release is complete (manifest written last); only now may `latest` name it.
+    parts = published.released.rsplit("/", 3)  # <release_root>/<name>/<version>/<recipe digest>
+    if len(parts) != 4 or "://" in parts[1]:
+        return published
+    root, name, version, _digest = parts
+    return published.model_copy(update={"latest_moved": point_latest(root, name, version, published.released)})
