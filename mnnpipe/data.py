@@ -7,7 +7,6 @@ normalisation (what MNN's calibration tool reads), when the samples are images.
 
 from __future__ import annotations
 
-import shutil
 import stat
 import tarfile
 import tempfile
@@ -235,7 +234,7 @@ def extract_archive(archive: Path, dest: Path) -> Path:
 
 
 class _Budget:
-    """Members and uncompressed bytes left before an archive is refused."""
+    """Members and uncompressed bytes seen so far; past ARCHIVE_MAX_* the archive is refused."""
 
     def __init__(self, archive: Path):
         self.archive, self.members, self.bytes = archive, 0, 0

@@ -2,8 +2,8 @@
 
 Trust model: TorchScript archives are loaded with torch's own loader (its unpickler resolves
 only TorchScript types), torch.export archives through `load_exported_safely` (torch.export.load
-alone would unpickle parts of the file unsafely), state-dicts with `torch.load(weights_only=True)`. The only code imported is a
-`factory` the spec names, which the pipeline author chose.
+alone would unpickle parts of the file unsafely), state-dicts with `torch.load(weights_only=True)`.
+The only code imported is a `factory` the spec names, which the pipeline author chose.
 """
 
 from __future__ import annotations

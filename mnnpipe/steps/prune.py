@@ -456,10 +456,11 @@ def _structured_step(
         return _count(candidate, example)[measure]
 
     low, high = 0.0, spec.max_layer_ratio
-    if trial(high) > goal:
+    smallest = trial(high)
+    if smallest > goal:
         raise StepFailed(
             f"target: cannot reach {t.by} <= {int(goal)} in step {k}: removing max_layer_ratio {high} of every prunable "
-            f"layer still leaves {int(trial(high))}; raise max_layer_ratio, add iterative_steps or ignore fewer layers"
+            f"layer still leaves {int(smallest)}; raise max_layer_ratio, add iterative_steps or ignore fewer layers"
         )
     for _ in range(_SEARCH_ITERATIONS):
         mid = (low + high) / 2

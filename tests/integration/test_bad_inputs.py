@@ -234,6 +234,11 @@ def npz(a: Assets, name: str) -> dict:
     return {"format": "npz", "uri": a / name, "preprocess": GRAY}
 
 
+def measured(model: dict) -> list[dict]:
+    """The benchmark's `models` list with one model labelled 'm'."""
+    return [{"label": "m", "model": model}]
+
+
 def state_dict(uri: str, **kwargs: Any) -> dict:
     return {"uri": uri, "factory": "mnnpipe.models:digits_cnn", "factory_kwargs": {"width": 0.25, **kwargs}}
 
@@ -245,6 +250,8 @@ def case(step: str, name: str, build: Build, expect: str):
     return pytest.param(step, build, expect, id=f"{step}-{name}")
 
 
+# one case per line: the matrix reads as a table
+# fmt: off
 CASES = [
     # ---- convert
     case("convert", "unknown-top-level-key", lambda a: convert_spec(a, opset_version=17), "opset_version"),
@@ -298,7 +305,7 @@ CASES = [
     case("quantize", "text-named-mnn", lambda a: quantize_spec(a, model={"uri": a / "readme.mnn"}), "readme.mnn"),
     case("quantize", "evaluation-archive-path-traversal", lambda a: quantize_spec(a, evaluation=folder(a, "traversal.zip")), "../evil.png"),
     case("quantize", "evaluation-folder-without-class-folders", lambda a: quantize_spec(a, evaluation=folder(a, "flat_images")), "flat_images"),
-    case("quantize", "evaluation-images-of-wrong-size", lambda a: quantize_spec(a, evaluation={**DIGITS, "split": "test", "preprocess": {"channels": "GRAY", "size": [16, 16]}}), "evaluation"),
+    case("quantize", "evaluation-images-of-wrong-size", lambda a: quantize_spec(a, evaluation={**DIGITS, "preprocess": {**GRAY, "size": [16, 16]}}), "evaluation"),
     case("quantize", "empty-calibration-npz", lambda a: quantize_spec(a, calibration=npz(a, "empty.npz")), "empty.npz"),
     case("quantize", "evaluation-image-that-is-html", lambda a: quantize_spec(a, evaluation=folder(a, "fake_png")), "broken.png"),
     # ---- benchmark
@@ -306,14 +313,15 @@ CASES = [
     case("benchmark", "threads-not-numbers", lambda a: benchmark_spec(a, threads="two"), "threads"),
     case("benchmark", "absurd-batch-size", lambda a: benchmark_spec(a, batch_sizes=[100000]), "batch_sizes"),
     case("benchmark", "label-with-slash", lambda a: benchmark_spec(a, models=[{"label": "../m", "model": {"uri": a / "model.pt"}}]), "models.0.label"),
-    case("benchmark", "missing-model-file", lambda a: benchmark_spec(a, models=[{"label": "m", "model": {"uri": a / "missing.onnx"}}]), "missing.onnx"),
-    case("benchmark", "random-bytes-mnn", lambda a: benchmark_spec(a, models=[{"label": "m", "model": {"uri": a / "garbage.mnn"}}]), "garbage.mnn"),
-    case("benchmark", "state-dict-pickle-runs-code", lambda a: benchmark_spec(a, models=[{"label": "m", "model": state_dict(a / "evil.pth")}]), "evil.pth"),
-    case("benchmark", "pt2-with-pickled-weight", lambda a: benchmark_spec(a, models=[{"label": "m", "model": {"uri": a / "evil_weights.pt2"}}]), "evil_weights.pt2"),
+    case("benchmark", "missing-model-file", lambda a: benchmark_spec(a, models=measured({"uri": a / "missing.onnx"})), "missing.onnx"),
+    case("benchmark", "random-bytes-mnn", lambda a: benchmark_spec(a, models=measured({"uri": a / "garbage.mnn"})), "garbage.mnn"),
+    case("benchmark", "state-dict-pickle-runs-code", lambda a: benchmark_spec(a, models=measured(state_dict(a / "evil.pth"))), "evil.pth"),
+    case("benchmark", "pt2-with-pickled-weight", lambda a: benchmark_spec(a, models=measured({"uri": a / "evil_weights.pt2"})), "evil_weights.pt2"),
     case("benchmark", "dataset-archive-absolute-member", lambda a: benchmark_spec(a, inputs=[], dataset=folder(a, "absolute.tar.gz")), "evil_abs.png"),
     case("benchmark", "dataset-y-length-mismatch", lambda a: benchmark_spec(a, inputs=[], dataset=npz(a, "short_y.npz")), "short_y.npz"),
     case("benchmark", "declared-shape-differs-from-dataset", lambda a: benchmark_spec(a, inputs=[{"shape": [1, 3, 8, 8]}], dataset=DIGITS), "inputs"),
 ]
+# fmt: on
 
 
 # --------------------------------------------------------------------------- the checks
@@ -347,6 +355,7 @@ def test_matrix_covers_every_step_with_at_least_four_cases():
     steps = [p.values[0] for p in CASES]
 
     assert len(CASES) >= 35
+    assert len(SUBPROCESS_CASES) == 4
     assert {s: steps.count(s) >= 4 for s in ("convert", "distill", "prune", "quantize", "benchmark")} == dict.fromkeys(
         ("convert", "distill", "prune", "quantize", "benchmark"), True
     )
@@ -412,6 +421,19 @@ def test_image_folder_archive_loads_and_leaves_nothing_beside_it(name, assets, t
     assert len(ds) == 30 and ds.x.shape == (30, 1, 8, 8)
     assert np.bincount(ds.y).tolist() == [10, 10, 10]
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_bad_file_inside_an_archive_is_named_by_archive_and_member(tmp_path):
+    archive = tmp_path / "labelled.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("set/0/a.png", _png(np.zeros((8, 8), np.uint8)))
+        z.writestr("set/1/notes.txt", "not an image")
+    ref = DatasetRef(format="image-folder", uri=str(archive), preprocess=GRAY)
+
+    with pytest.raises(InputError) as err:
+        load_dataset(ref, archive)
+
+    assert str(err.value).startswith(f"{archive}!/set/1/notes.txt: not an image")
 
 
 def test_archive_over_the_member_limit_is_refused(assets, monkeypatch):
