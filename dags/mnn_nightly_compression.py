@@ -76,7 +76,7 @@ with DAG(
             "method": "structured",
             "target": {"ratio": PRUNE_RATIO},
             "finetune": {"dataset": {**DATA, "split": "train"}, "epochs": "{{ params.finetune_epochs }}", "lr": 0.002},
-            "eval_dataset": EVALUATION,
+            "evaluation": EVALUATION,
             "output": f"{ARTIFACTS}/prune",
         },
     )

@@ -146,13 +146,18 @@ def _spec_data(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+def one_line(text: str) -> str:
+    """Errors are one line, even when a file name or a tool's message holds newlines."""
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_format, args.quiet)
     try:
         return _dispatch(args)
     except MnnpipeError as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
+        print(f"error: {one_line(redact(str(e)))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        print(f"error: internal failure ({type(e).__name__}: {redact(first)}); rerun with --debug for a traceback", file=sys.stderr)
+        print(f"error: internal failure ({type(e).__name__}: {one_line(redact(first))}); rerun with --debug for a traceback", file=sys.stderr)
         return 1
 
 

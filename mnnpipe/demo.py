@@ -75,7 +75,7 @@ def pipeline_specs(workdir: Path, teacher: Path) -> list[tuple[str, Any]]:
             "target": {"by": "channels", "ratio": 0.3},
             "calibration": digits("train", limit=256),
             "finetune": {"dataset": digits("train"), "epochs": 8, "distill": True},
-            "eval_dataset": digits("test"),
+            "evaluation": digits("test"),
         }),
         ("convert", lambda r: {
             "output": out("convert"),

@@ -102,7 +102,7 @@ class Spec(StepSpec):
     input: TensorSpec | None = Field(
         None,
         description="Example input (shape with batch 1) used to trace dependencies and count MACs; None: taken from "
-        "the first sample of `calibration`, `finetune.dataset` or `eval_dataset`.",
+        "the first sample of `calibration`, `finetune.dataset` or `evaluation`.",
     )
     method: Literal["structured", "unstructured"] = Field(
         "structured",
@@ -144,11 +144,15 @@ class Spec(StepSpec):
     )
     calibration_batches: int = Field(8, ge=1, le=10_000, description="At most this many batches of 32 samples for importance.")
     finetune: FineTune | None = Field(None, description="Recovery training after each step; None: no fine-tuning.")
-    eval_dataset: DatasetRef | None = Field(
+    evaluation: DatasetRef | None = Field(
         None, description="Labelled data for accuracy before pruning, after pruning and after fine-tuning."
     )
     max_accuracy_drop: float | None = Field(
-        None, ge=0, le=1, description="Fail (publish nothing) if final accuracy is more than this below the original's."
+        None,
+        ge=0,
+        le=100,
+        description="Fail (publish nothing) if the final top-1 accuracy on `evaluation` is more than this many "
+        "PERCENTAGE POINTS below the original's (as in quantize: 0.5 means 97.5% -> at least 97.0%).",
     )
     export_pt2: bool = Field(True, description="Also write model.pt2 (torch.export) when the pruned model exports.")
 
@@ -187,12 +191,12 @@ class Spec(StepSpec):
         data_driven = self.method == "structured" and self.importance in ("taylor", "activation")
         if data_driven and self.calibration is None and self.finetune is None:
             raise ValueError(f"importance '{self.importance}' needs data: give `calibration` or `finetune`")
-        if self.input is None and not (self.calibration or self.finetune or self.eval_dataset):
+        if self.input is None and not (self.calibration or self.finetune or self.evaluation):
             raise ValueError("input is required (example shape for tracing) when no dataset is given")
         if self.input is not None and self.input.shape[0] != 1:
             raise ValueError(f"input.shape must have batch 1, got {list(self.input.shape)}")
-        if self.max_accuracy_drop is not None and self.eval_dataset is None:
-            raise ValueError("max_accuracy_drop needs `eval_dataset` to measure accuracy on")
+        if self.max_accuracy_drop is not None and self.evaluation is None:
+            raise ValueError("max_accuracy_drop needs `evaluation` to measure accuracy on")
         return self
 
 
@@ -250,7 +254,7 @@ def run(spec: Spec, ctx: StepContext) -> Result:
     seed_everything(spec.seed)
     model = load_torch(spec.model, ctx.local(spec.model.uri))
     train_set = _load(spec.finetune.dataset, ctx, "finetune.dataset", labelled=True) if spec.finetune else None
-    eval_set = _load(spec.eval_dataset, ctx, "eval_dataset", labelled=True) if spec.eval_dataset else None
+    eval_set = _load(spec.evaluation, ctx, "evaluation", labelled=True) if spec.evaluation else None
     calib_set = _load(spec.calibration, ctx, "calibration", labelled=False) if spec.calibration else train_set
     example = _example_input(spec, calib_set or train_set or eval_set)
     _check_runs(model, example)
@@ -295,9 +299,10 @@ def run(spec: Spec, ctx: StepContext) -> Result:
     macs_after, params_after = _count(model, example)
     acc_after = accuracy(model, eval_set) if eval_set else None
     if spec.max_accuracy_drop is not None and acc_before is not None and acc_after is not None:
-        if acc_before - acc_after > spec.max_accuracy_drop:
+        drop_pp = 100 * (acc_before - acc_after)
+        if drop_pp > spec.max_accuracy_drop:
             raise StepFailed(
-                f"accuracy fell from {acc_before:.4f} to {acc_after:.4f}, more than max_accuracy_drop {spec.max_accuracy_drop}"
+                f"accuracy fell from {acc_before:.2%} to {acc_after:.2%} ({drop_pp:.2f} points), more than max_accuracy_drop {spec.max_accuracy_drop} points"
             )
 
     verify_x = torch.from_numpy((eval_set or calib_set or train_set).x[:16]) if (eval_set or calib_set or train_set) else example

@@ -294,7 +294,7 @@ CASES = [
     case("prune", "pickle-runs-code", lambda a: prune_spec(a, model=state_dict(a / "evil.pth")), "evil.pth"),
     case("prune", "state-dict-of-another-width", lambda a: prune_spec(a, model=state_dict(a / "model.pth", width=1.0)), "model.pth"),
     case("prune", "declared-channels-do-not-fit", lambda a: prune_spec(a, input={"shape": [1, 3, 8, 8]}), "model: cannot run"),
-    case("prune", "eval-folder-with-text-file", lambda a: prune_spec(a, eval_dataset=folder(a, "with_text")), "notes.txt"),
+    case("prune", "eval-folder-with-text-file", lambda a: prune_spec(a, evaluation=folder(a, "with_text")), "notes.txt"),
     case("prune", "empty-calibration-folder", lambda a: prune_spec(a, calibration=folder(a, "empty_folder")), "empty_folder"),
     # ---- quantize
     case("quantize", "admm-activations", lambda a: quantize_spec(a, activation_method="ADMM"), "activation_method"),

@@ -87,7 +87,7 @@ def test_digits_accuracy_recovers_after_finetuning_with_distillation(tmp_path, c
         "target": {"ratio": 0.6},
         "iterative_steps": 2,
         "finetune": {"dataset": digits("train"), "epochs": 2, "distill": True},
-        "eval_dataset": digits("test"),
+        "evaluation": digits("test"),
     }
 
     result = run_step("prune", spec)
@@ -126,7 +126,7 @@ def test_unstructured_sparsity_is_counted_in_the_saved_weights(tmp_path, cache_d
         "sparsity": 0.8,
         "iterative_steps": 2,
         "finetune": {"dataset": digits("train"), "epochs": 1},
-        "eval_dataset": digits("test"),
+        "evaluation": digits("test"),
         "export_pt2": False,
     }
 
@@ -155,8 +155,8 @@ def test_accuracy_budget_failure_publishes_nothing(tmp_path, cache_dir, digits_t
         "model": teacher_ref(digits_teacher),
         "target": {"ratio": 0.9},
         "max_layer_ratio": 0.95,
-        "eval_dataset": digits("test"),
-        "max_accuracy_drop": 0.01,
+        "evaluation": digits("test"),
+        "max_accuracy_drop": 1.0,
         "export_pt2": False,
     }
 

@@ -30,11 +30,12 @@ def test_convert_defaults_are_fp32_with_documented_tolerance():
         "weight_quant_asymmetric": False,
         "weight_quant_block": 0,
         "hqq": False,
+        "detect_sparse": False,
     }
 
 
 def test_weight_compression_maps_to_converter_options():
-    w = WeightCompression(bits=4, asymmetric=True, block_size=64, hqq=True)
+    w = WeightCompression(bits=4, asymmetric=True, block_size=64, hqq=True, detect_sparse=True)
 
     assert w.converter_kwargs() == {
         "fp16": False,
@@ -42,6 +43,7 @@ def test_weight_compression_maps_to_converter_options():
         "weight_quant_asymmetric": True,
         "weight_quant_block": 64,
         "hqq": True,
+        "detect_sparse": True,
     }
     assert not w.lossless
 

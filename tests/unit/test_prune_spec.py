@@ -65,8 +65,8 @@ def test_input_or_a_dataset_is_required():
 
 
 def test_accuracy_budget_needs_eval_data():
-    with pytest.raises(SpecError, match="max_accuracy_drop needs `eval_dataset`"):
-        spec(max_accuracy_drop=0.01)
+    with pytest.raises(SpecError, match="max_accuracy_drop needs `evaluation`"):
+        spec(max_accuracy_drop=1.0)
 
 
 def test_unknown_field_is_refused():
