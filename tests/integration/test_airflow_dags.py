@@ -123,7 +123,7 @@ def test_recompress_on_new_model_compresses_the_newest_version(dagbag, s3_server
 
     assert run.state == "success"
     results = _return_values(run)
-    assert results["wait_for_new_model"] == {"version": "v2", "model_uri": newest}
+    assert results["wait_for_new_model"] == {"version": "v2", "model_uri": newest, "name": "models"}
     for step in STEPS:  # results in XCom are the steps' Results, published under the version
         result = step_module(step).Result.model_validate(results[step])
         assert result.output == f"s3://{s3_bucket}/artifacts/versions/v2/{step}"

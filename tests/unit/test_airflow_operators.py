@@ -203,6 +203,10 @@ def offline_kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "users: [{name: offline, user: {token: not-a-secret}}]\n"
     )
     monkeypatch.setenv("KUBECONFIG", str(path))
+    # kubernetes reads $KUBECONFIG once, at import; another test (kfp) may have imported it first.
+    import kubernetes.config.kube_config as kube_config
+
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
     return path
 
 
