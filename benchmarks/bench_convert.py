@@ -146,10 +146,9 @@ Produced by `python benchmarks/bench_convert.py --warmup {args.warmup} --iterati
 
 - Machine: `lscpu` model name **{model_name}**, **{machine['cores']} cores** available, {machine['system']}.
 - Versions: torch {version('torch')}, onnxruntime {version('onnxruntime')}, MNN {version('MNN')}.
-- **Other engineers were running test suites on the same 2-core machine at the same time**
-  (load average 1/5/15 min: {load_before} before, {load_average()} after), so absolute
-  latencies are noisy and the 2-thread rows especially so; compare ratios within a row group, and
-  rerun on an idle machine before quoting absolute numbers.
+- Load average (1/5/15 min): {load_before} before, {load_average()} after. On a shared 2-core
+  machine anything above ~1 makes absolute latencies noisy, the 2-thread rows especially; the
+  ratios within a row group are measured side by side and hold up better.
 - Inputs: 1x3x224x224 random values in [0, 1), batch 1; {args.warmup} warm-up + {args.iterations} timed runs per
   setting, each model in its own process (torch `set_num_threads`, ORT `intra_op_num_threads`,
   MNN `numThread`). Random weights (seed 0): valid for latency, size and fidelity, not accuracy.
