@@ -48,6 +48,13 @@ def check_uri(value: str, field: str = "uri") -> str:
     return value
 
 
+def check_factory(value: str | None) -> str | None:
+    """A factory is named `pkg.module:callable`; nothing else is imported."""
+    if value is not None and not _FACTORY_RE.match(value):
+        raise ValueError(f"factory must look like 'pkg.module:callable', got '{value}'")
+    return value
+
+
 ModelFormat = Literal["auto", "torchscript", "torch-export", "state-dict", "onnx", "mnn"]
 _EXT_FORMATS = {
     ".pt": "torchscript",
@@ -84,9 +91,7 @@ class ModelRef(Strict):
     @field_validator("factory")
     @classmethod
     def _factory(cls, v: str | None) -> str | None:
-        if v is not None and not _FACTORY_RE.match(v):
-            raise ValueError(f"factory must look like 'pkg.module:callable', got '{v}'")
-        return v
+        return check_factory(v)
 
     @model_validator(mode="after")
     def _resolve_format(self) -> ModelRef:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import InputError, StepFailed
-from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, _FACTORY_RE
+from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, check_factory
 
 if TYPE_CHECKING:
     import numpy as np
@@ -75,9 +75,7 @@ class Student(Strict):
     @field_validator("factory")
     @classmethod
     def _factory(cls, v: str | None) -> str | None:
-        if v is not None and not _FACTORY_RE.match(v):
-            raise ValueError(f"factory must look like 'pkg.module:callable', got '{v}'")
-        return v
+        return check_factory(v)
 
     @field_validator("model")
     @classmethod
