@@ -63,12 +63,7 @@ def load_torch(ref: ModelRef, path: Path) -> nn.Module:
                 state = state["state_dict"]
             if not isinstance(state, dict):
                 raise InputError(f"{ref.uri}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else "mismatch"
-                second = str(e).strip().splitlines()[1].strip() if len(str(e).strip().splitlines()) > 1 else ""
-                raise InputError(f"{ref.uri}: state_dict does not fit factory '{ref.factory}' ({first} {second})") from None
+            _fit_weights(model, state, ref)
         else:
             raise SpecError(f"model.format '{ref.format}' is not a torch format")
     except (InputError, SpecError):
@@ -78,9 +73,24 @@ def load_torch(ref: ModelRef, path: Path) -> nn.Module:
         if "weights_only" in msg or "Unsupported global" in str(e):
             msg = "contains pickled objects that are not plain tensors; refused (weights_only=True)"
         raise InputError(f"{ref.uri}: not a loadable {ref.format} model ({msg})") from None
+    if ref.factory and ref.format in ("torchscript", "torch-export"):
+        # The weights of a traced/exported model, in the Python class the factory builds: what
+        # tools that rewrite or hook nn.Modules (pruning, feature distillation) need.
+        module = build(ref.factory, ref.factory_kwargs)
+        _fit_weights(module, {k: v.detach() for k, v in model.state_dict().items()}, ref)
+        return module.eval()
     if ref.format == "torch-export":
         return model  # an exported program's module() refuses .eval() ("not supported yet"); it is already in eval form
     return model.eval()
+
+
+def _fit_weights(model: nn.Module, state: dict, ref: ModelRef) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines() or ["mismatch"]
+        detail = " ".join(line.strip() for line in lines[:2])
+        raise InputError(f"{ref.uri}: weights do not fit factory '{ref.factory}' ({detail})") from None
 
 
 def load_exported_safely(ref: ModelRef, path: Path) -> torch.export.ExportedProgram:

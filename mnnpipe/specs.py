@@ -121,7 +121,7 @@ class Preprocess(Strict):
         None, description="Resize images to (height, width); None keeps the dataset's native size."
     )
     channels: Literal["RGB", "BGR", "GRAY"] = Field("RGB", description="Channel order the model expects.")
-    scale: float = Field(255.0, gt=0, description="Raw values are divided by this first (255 for 8-bit images, 16 for digits).")
+    scale: float = Field(255.0, gt=0, description="Raw values are divided by this first (255 for 8-bit images; the digits demo set is delivered as 0-255 too).")
     mean: tuple[float, ...] = Field((0.0,), description="Per-channel mean subtracted after scaling (one value broadcasts).")
     std: tuple[float, ...] = Field((1.0,), description="Per-channel std divided after the mean (one value broadcasts).")
     layout: Literal["NCHW", "NHWC"] = Field("NCHW", description="Tensor layout the model expects.")

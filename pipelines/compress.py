@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-DIGITS = {"format": "sklearn-digits", "preprocess": {"channels": "GRAY", "scale": 16.0}}
+DIGITS = {"format": "sklearn-digits", "preprocess": {"channels": "GRAY"}}
 
 DEFAULT_RECIPE = {
     "model": {"format": "state-dict", "factory": "mnnpipe.models:digits_cnn"},
@@ -19,6 +19,14 @@ DEFAULT_RECIPE = {
         "student": {"architecture": "digits_cnn", "width": 0.5},
         "dataset": {**DIGITS, "split": "all"},
         "training": {"epochs": 20, "batch_size": 64, "patience": 3},
+    },
+    "prune": {
+        # distill hands over TorchScript; pruning rewrites nn.Modules, so name the student's class.
+        "model": {"factory": "mnnpipe.models:digits_cnn", "factory_kwargs": {"width": 0.5}},
+        "input": {"name": "input", "shape": [1, 1, 8, 8]},
+        "target": {"by": "channels", "ratio": 0.3},
+        "finetune": {"dataset": {**DIGITS, "split": "train"}, "epochs": 5, "distill": True},
+        "evaluation": {**DIGITS, "split": "test"},
     },
     "convert": {"inputs": [{"name": "input", "shape": [1, 1, 8, 8]}]},
     "quantize": {

@@ -83,11 +83,12 @@ def build_pipeline(
             kwargs: dict[str, Any] = {"output_uri": f"{run_prefix}/{step}"}
             wired = wired_model_field(iface)
             if wired is not None:
+                how = spec.get(wired) or {}  # how to read the wired model (format, factory), from the recipe
                 if model_task is None:  # the first step reads the source model
-                    spec[wired] = wired_value(iface, dict(source))
+                    spec[wired] = wired_value(iface, {**source, **how})
                     kwargs[f"{wired}_uri"] = p["model_uri"]
                 else:
-                    spec[wired] = wired_value(iface, {})  # the launcher fills in the artifact's uri
+                    spec[wired] = wired_value(iface, how)  # the launcher fills in the artifact's uri
                     kwargs[wired] = model_task.outputs[OUTPUT_MODEL]
             for field in iface.dataset_inputs:
                 kwargs[f"{field}_uri"] = p[f"{field}_uri"]

@@ -79,7 +79,15 @@ def recipe_model() -> type:
     }
     for step in pipeline_steps():
         iface = step_interface(step)
-        section = _section_model(f"{step.capitalize()}Recipe", iface.spec_cls, {*ENVELOPE_FIELDS, wired_model_field(iface)})
+        wired = wired_model_field(iface)
+        section = _section_model(f"{step.capitalize()}Recipe", iface.spec_cls, {*ENVELOPE_FIELDS, wired})
+        if wired is not None and wired not in dict(iface.model_lists):
+            # The URI is wired; how to read it (e.g. prune's `factory` for a TorchScript input) is not.
+            section = create_model(
+                section.__name__,
+                __base__=section,
+                **{wired: (Optional[source], Field(None, description=f"How to read the model the previous step hands to {step} (format, factory, factory_kwargs); its URI is wired by the pipeline."))},
+            )
         if step in REQUIRED_STEPS:
             fields[step] = (section, Field(description=f"Parameters of the {step} step: {iface.summary}"))
         else:
@@ -156,7 +164,7 @@ def step_specs(recipe: Any, *, model_uri: str = "") -> dict[str, dict[str, Any]]
         data["output"] = f"{PLACEHOLDER_BUCKET}/runs/{step}"
         wired = wired_model_field(iface)
         if wired is not None:
-            data[wired] = wired_value(iface, dict(upstream_ref))
+            data[wired] = wired_value(iface, {**upstream_ref, **(data.get(wired) or {})})
         for field in iface.dataset_inputs:
             ref = data.get(field)
             if isinstance(ref, dict) and not ref.get("uri") and ref.get("format") not in (None, "sklearn-digits"):

@@ -96,8 +96,9 @@ class Spec(StepSpec):
 
     kind: Literal["prune"] = "prune"
     model: ModelRef = Field(
-        description="The model to prune: a state-dict (.pth) with its `factory`. Torch-Pruning rewrites nn.Modules, "
-        "so TorchScript and torch.export inputs are refused."
+        description="The model to prune: a state-dict (.pth), TorchScript (.pt) or torch.export (.pt2) file with "
+        "the `factory` that builds its architecture (its weights are loaded into that nn.Module, which "
+        "Torch-Pruning rewrites); without `factory` only nn.Modules can be pruned, so .pt/.pt2 are refused."
     )
     input: TensorSpec | None = Field(
         None,
@@ -159,7 +160,7 @@ class Spec(StepSpec):
     @field_validator("model")
     @classmethod
     def _prunable(cls, v: ModelRef) -> ModelRef:
-        if v.format == "state-dict":
+        if v.format == "state-dict" or (v.factory and v.format in ("torchscript", "torch-export")):
             return v
         why = {
             "torchscript": "a TorchScript module has no nn.Module graph for Torch-Pruning's DepGraph to rewrite",
@@ -167,8 +168,8 @@ class Spec(StepSpec):
             "which Torch-Pruning cannot rewrite",
         }.get(v.format, f"'{v.format}' is not a torch model")
         raise ValueError(
-            f"format '{v.format}' cannot be pruned: {why}; pass the weights as a state-dict (.pth) with `factory` "
-            "(e.g. mnnpipe.models:mobilenet_v2) and `factory_kwargs`"
+            f"format '{v.format}' cannot be pruned: {why}; name the architecture with `factory` "
+            "(e.g. mnnpipe.models:mobilenet_v2) and `factory_kwargs`, or pass a state-dict (.pth) with them"
         )
 
     @field_validator("sparsity")

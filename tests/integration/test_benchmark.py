@@ -18,7 +18,7 @@ from mnnpipe.runner import run_step
 
 pytestmark = pytest.mark.integration
 
-DIGITS_TEST = {"format": "sklearn-digits", "split": "test", "limit": 60, "preprocess": {"channels": "GRAY", "scale": 16}}
+DIGITS_TEST = {"format": "sklearn-digits", "split": "test", "limit": 60, "preprocess": {"channels": "GRAY"}}
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_onnx_source_converts_with_8bit_weights_and_dataset_samples(digits, tmp_
             "inputs": DIGITS_INPUT,
             "weights": {"bits": 8},
             "tolerance": {"max_abs_error": None, "min_cosine": 0.999, "min_top1_agreement": 0.95},
-            "samples": {"format": "sklearn-digits", "split": "test", "preprocess": {"channels": "GRAY", "scale": 16}},
+            "samples": {"format": "sklearn-digits", "split": "test", "preprocess": {"channels": "GRAY"}},
             "num_samples": 40,
             "output": str(tmp_path / "w8"),
         },

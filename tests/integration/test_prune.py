@@ -15,7 +15,7 @@ from mnnpipe.train import FitConfig, fit
 
 pytestmark = pytest.mark.integration
 
-DIGITS = {"format": "sklearn-digits", "preprocess": {"channels": "GRAY", "scale": 16}}
+DIGITS = {"format": "sklearn-digits", "preprocess": {"channels": "GRAY"}}
 
 
 def digits(split: str) -> dict:

@@ -48,8 +48,9 @@ def test_count_is_for_params_or_macs_only():
 
 @pytest.mark.parametrize(("fmt", "uri", "why"), [("torchscript", "m.pt", "TorchScript"), ("torch-export", "m.pt2", "refuses .eval")])
 def test_non_module_formats_are_refused_with_what_to_pass_instead(fmt, uri, why):
-    with pytest.raises(SpecError, match=rf"^model: format '{fmt}' cannot be pruned: .*{why}.*state-dict \(.pth\) with `factory`"):
+    with pytest.raises(SpecError, match=rf"^model: format '{fmt}' cannot be pruned: .*{why}.*name the architecture with `factory`"):
         spec(model={"uri": uri})
+    assert spec(model={"uri": uri, "factory": "mnnpipe.models:digits_cnn"}).model.format == fmt  # weights into that class
 
 
 def test_data_driven_importance_needs_data():
