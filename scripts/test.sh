@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh .venv kfp,airflow,k8s,dev
+export PATH="$PWD/.venv/bin:$PATH"  # the `mnnpipe` console script, as in the step image
 set +e
 .venv/bin/python -m pytest "$@"
 code=$?

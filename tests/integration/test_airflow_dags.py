@@ -7,6 +7,7 @@ Airflow gets a private AIRFLOW_HOME (SQLite, migrated once per module) before it
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -195,7 +196,6 @@ def test_training_handoff_publishes_a_version_and_queues_recompression(dagbag, s
 def test_the_pod_command_runs_the_step_outside_airflow(s3_server, s3_bucket, cache_dir, digits_model, tmp_path) -> None:
     """What a pod would run, run here: the kubernetes mode's command is a working step invocation."""
     import json
-    import shutil
     import subprocess
 
     pytest.importorskip("airflow.providers.cncf.kubernetes", reason="needs the k8s extra")
@@ -211,7 +211,7 @@ def test_the_pod_command_runs_the_step_outside_airflow(s3_server, s3_bucket, cac
     argv = op.pod_command(op.validated_spec())
     result_file = tmp_path / "return.json"
     argv[argv.index(POD_RESULT_PATH)] = str(result_file)  # the xcom sidecar's folder exists only in a pod
-    argv[0] = shutil.which("mnnpipe")
+    argv[0:1] = [sys.executable, "-m", "mnnpipe.cli"]  # the image's `mnnpipe`, from this environment
 
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=os.environ.copy())
 
