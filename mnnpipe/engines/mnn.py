@@ -61,6 +61,12 @@ def import_mnn() -> Any:
         with open(os.devnull, "wb") as null:
             os.dup2(null.fileno(), 1)
             import MNN  # noqa: F401
+
+            # The banner sits in C stdio's buffer when stdout is a pipe: flush it into /dev/null
+            # before fd 1 is restored, or it comes out later, ahead of our JSON.
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)
     finally:
         os.dup2(saved, 1)
         os.close(saved)
