@@ -3,9 +3,11 @@
 The contract is small and has two parts:
   1. publish the model at `{model_registry}/{version}/model.pt` (TorchScript), and
   2. emit the Asset `mnnpipe_new_model_version` (`mnnpipe.airflow.config.NEW_MODEL_ASSET`), with
-     {"version", "model_uri"} as the event's extra for the record.
-`mnn_recompress_on_new_model` is scheduled on that Asset; it finds the version in the registry
-itself, so a pipeline outside Airflow that only does (1) is picked up by its sensor too.
+     {"version", "model_uri"} as the event's extra.
+`mnn_recompress_on_new_model` is scheduled on that Asset and compresses the version the extra
+names; its hourly run sweeps the registry, so a pipeline outside Airflow that only does (1) is
+picked up too. The version name is checked before anything is published: a name the registry
+would skip (a run id such as `manual__2026-…+00:00`) fails the task instead.
 
 Here "training" is a tiny CNN on scikit-learn's 8x8 digits (seconds on a CPU), standing in for
 whatever your pipeline does. Trigger it with {"epochs": 2} or {"model_registry": "s3://..."}.
@@ -25,6 +27,8 @@ from mnnpipe.airflow import config
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    default_args=config.DEFAULT_ARGS,
+    user_defined_filters=config.FILTERS,
     params={
         "model_registry": config.params()["model_registry"],
         "epochs": Param(1, type="integer", minimum=1, maximum=100, description="Training epochs."),
@@ -42,6 +46,7 @@ def example_training_handoff():
         from mnnpipe.data import load_dataset
         from mnnpipe.modelio import example_inputs, save_torchscript
         from mnnpipe.models import digits_cnn
+        from mnnpipe.registry import check_version
         from mnnpipe.specs import DatasetRef
         from mnnpipe.store import join, store_for
         from mnnpipe.train import FitConfig, accuracy, fit, seed_everything
@@ -53,7 +58,10 @@ def example_training_handoff():
         val = load_dataset(DatasetRef(format="sklearn-digits", split="val", preprocess={"channels": "GRAY"}))
         model = digits_cnn(num_classes=10, width=0.5)
         fit(model, train, FitConfig(epochs=int(params["epochs"]), batch_size=64, lr=3e-3), val=val)
-        version = context["logical_date"].strftime("%Y%m%dT%H%M%S") if context.get("logical_date") else context["run_id"]
+        # A manual trigger has no logical date in Airflow 3; its run_after is always set. Either
+        # way the version is a timestamp the registry lists (and orders), never the run id.
+        when = context.get("logical_date") or context["dag_run"].run_after
+        version = check_version(when.strftime("%Y%m%dT%H%M%S"))
         model_uri = join(config.resolve("model_registry", params), version, "model.pt")
         with tempfile.TemporaryDirectory() as tmp:
             path = save_torchscript(model, example_inputs([(1, 1, 8, 8)]), Path(tmp) / "model.pt")

@@ -4,7 +4,12 @@ channels and fine-tune them back, then convert, quantize to full int8 and benchm
 Runs at 02:00 UTC, no catch-up, one run at a time. Takes the newest version under the model
 registry (`{model_registry}/{version}/model.pt`, processed or not: nightly re-runs are cheap,
 every step serves an identical earlier run from mnnpipe's content-addressed cache) and publishes
-each step to `{artifact_prefix}/nightly/{ds}/{step}`.
+each step to `{artifact_prefix}/nightly/{run}/{step}`, where `{run}` is the run id made a safe
+path segment: a manual run (which has no logical date in Airflow 3) and the scheduled run of
+the same day never write over each other. Then the release gate (the int8 model's top-1 within
+MAX_ACCURACY_DROP points of the fp32 model's, as in KFP) publishes
+`{artifact_prefix}/released/{name}/{version}/{recipe digest}/`, moves
+`released/{name}/latest.json` forward and emits the Asset `mnnpipe_compressed_model_released`.
 
 Configuration (see mnnpipe.airflow.config): params / Variables / env `model_registry`,
 `artifact_prefix`; params `distill_epochs`, `finetune_epochs`; env MNNPIPE_AIRFLOW_EXECUTION
@@ -17,7 +22,8 @@ import pendulum
 from airflow.sdk import DAG, Param, get_current_context, task
 
 from mnnpipe.airflow import config
-from mnnpipe.airflow.pipelines import artifact_uri, compress_chain, step_operator
+from mnnpipe.airflow.pipelines import artifact_uri, compress_chain, release_task, step_operator
+from mnnpipe.airflow.release import recipe_digest
 
 # The model this DAG compresses: the digits example. Edit for your model (see dags/README.md).
 MODEL_INPUT = {"name": "input", "shape": [1, 1, 8, 8]}
@@ -28,8 +34,12 @@ STUDENT = {"architecture": "digits_cnn", "width": 0.5}
 # How prune rebuilds the student from the student.pth distill publishes (it needs nn.Modules).
 STUDENT_FACTORY = {"factory": "mnnpipe.models:digits_cnn", "factory_kwargs": {"num_classes": 10, "in_channels": 1, "width": 0.5}}
 PRUNE_RATIO = 0.25
+MAX_ACCURACY_DROP = 1.0  # percentage points of top-1, for quantize and for the release gate
+DIGEST = recipe_digest(
+    {"student": STUDENT, "prune": PRUNE_RATIO, "input": MODEL_INPUT, "calibration": CALIBRATION, "evaluation": EVALUATION, "max_drop": MAX_ACCURACY_DROP}
+)
 
-ARTIFACTS = config.setting("artifact_prefix") + "/nightly/{{ ds }}"
+ARTIFACTS = config.setting("artifact_prefix") + "/nightly/" + config.RUN_SEGMENT
 
 with DAG(
     dag_id="mnn_nightly_compression",
@@ -37,6 +47,8 @@ with DAG(
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    default_args=config.DEFAULT_ARGS,
+    user_defined_filters=config.FILTERS,
     params={
         **config.params(),
         "distill_epochs": Param(20, type="integer", minimum=1, maximum=1000, description="Student training epochs."),
@@ -54,7 +66,10 @@ with DAG(
         registry = config.resolve("model_registry", get_current_context()["params"])
         versions = list_versions(registry, "model.pt")
         if not versions:
-            raise FileNotFoundError(f"no model version under {registry} (expected {registry}/<version>/model.pt)")
+            from airflow.sdk.exceptions import AirflowFailException
+
+            # Nothing to compress is a configuration problem a retry will not fix.
+            raise AirflowFailException(f"no model version under {registry} (expected {registry}/<version>/model.pt)")
         return versions[-1].as_dict()
 
     latest = latest_model()
@@ -86,5 +101,14 @@ with DAG(
         model_input=MODEL_INPUT,
         calibration=CALIBRATION,
         evaluation=EVALUATION,
+        max_accuracy_drop=MAX_ACCURACY_DROP,
     )
     latest >> distill >> prune >> steps[0]
+    release_task(
+        found=latest,
+        quantized=steps[1].output,
+        benchmarked=steps[2].output,
+        release_root=config.setting("artifact_prefix") + "/released",
+        digest=DIGEST,
+        max_accuracy_drop=MAX_ACCURACY_DROP,
+    )

@@ -88,6 +88,24 @@ def _write_images(raw: np.ndarray, folder: Path, p: Preprocess) -> CalibrationSe
     return CalibrationSet(folder, len(raw), "images", config)
 
 
+def write_multi_input_calibration(samples: list[list[np.ndarray]], inputs: list, folder: Path) -> CalibrationSet:
+    """Samples of a model with several inputs (one array per TensorSpec in `inputs`, in order) in
+    the quantizer's sequence layout: every sample folder has one <name>.txt per input."""
+    if not samples:
+        raise InputError("calibration: the dataset has no samples")
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = [{"name": t.name, "shape": list(t.shape)} for t in inputs]
+    for i, sample in enumerate(samples):
+        d = folder / f"{i:06d}"
+        d.mkdir(exist_ok=True)
+        (d / "input.json").write_text(json.dumps({"inputs": shapes}))
+        for t, a in zip(inputs, sample, strict=True):
+            # MNN reads every value as a double and casts to the input's type: integers written whole
+            np.savetxt(d / f"{t.name}.txt", a.reshape(1, -1), fmt="%d" if a.dtype.kind in "iu" else "%.9g")
+    config = {"input_type": "sequence", "path": str(folder), "used_sample_num": len(samples), "inputs": shapes}
+    return CalibrationSet(folder, len(samples), "sequence", config)
+
+
 def _write_sequence(x: np.ndarray, folder: Path, input_name: str) -> CalibrationSet:
     shape = [1, *x.shape[1:]]
     for i, sample in enumerate(x):

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import __version__
 from .errors import MnnpipeError, SpecError
 from .store import redact
 from .steps import STEP_NAMES, available_steps
@@ -23,7 +25,12 @@ from .steps import STEP_NAMES, available_steps
 def load_spec_file(path: str) -> dict[str, Any]:
     """Read a YAML or JSON spec ('-' for stdin) into a dict."""
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        # Read one character past the limit, never the whole of a huge file (or /dev/zero).
+        if path == "-":
+            text = sys.stdin.read(SPEC_MAX_BYTES + 1)
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(SPEC_MAX_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(f"--spec: file '{path}' not found") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -31,13 +38,71 @@ def load_spec_file(path: str) -> dict[str, Any]:
     return parse_spec_text(text, f"--spec {path}")
 
 
-def parse_spec_text(text: str, label: str) -> dict[str, Any]:
+# Limits on spec text, checked while parsing (by `validate` too): a spec is a page of settings,
+# so these only stop hostile input (a 50,000-deep nesting overflows the parser's recursion; an
+# alias bomb expands a few hundred bytes into billions of nodes that validation then walks).
+SPEC_MAX_BYTES = 1 << 20
+SPEC_MAX_DEPTH = 64
+SPEC_MAX_NODES = 100_000  # counted with every alias expanded
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses nesting deeper than SPEC_MAX_DEPTH and more than SPEC_MAX_NODES
+    nodes once aliases are expanded. Anchors and aliases stay allowed (one dataset ref shared by
+    calibration and evaluation is a fair use); what they would expand to is what is counted."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+        self._expanded: dict[int, int] = {}  # id(node) -> nodes it stands for, aliases expanded
+
+    def _count(self, n: int) -> None:
+        self._nodes += n
+        if self._nodes > SPEC_MAX_NODES:
+            raise SpecError(f"more than {SPEC_MAX_NODES} values once YAML aliases are expanded; refused")
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            target = self.anchors.get(self.peek_event().anchor)
+            if target is not None and id(target) not in self._expanded:
+                raise SpecError("a YAML alias refers to a node that contains it (a recursive structure); refused")
+            if target is not None:
+                self._count(self._expanded[id(target)])
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > SPEC_MAX_DEPTH:
+            line = self.peek_event().start_mark.line + 1
+            raise SpecError(f"nested deeper than {SPEC_MAX_DEPTH} levels (at line {line}); refused")
+        before = self._nodes
+        self._count(1)
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        self._expanded[id(node)] = self._nodes - before
+        return node
+
+
+def load_yaml(text: str, label: str) -> Any:
+    """Parse YAML/JSON text within SPEC_MAX_BYTES, SPEC_MAX_DEPTH and SPEC_MAX_NODES."""
+    if len(text) > SPEC_MAX_BYTES:
+        raise SpecError(f"{label}: more than {SPEC_MAX_BYTES} characters; a spec is at most that long")
+    loader = _BoundedLoader(text)
     try:
-        data = yaml.safe_load(text)  # YAML is a superset of JSON
+        return loader.get_single_data()
+    except SpecError as e:
+        raise SpecError(f"{label}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{label}: not valid YAML/JSON{where}") from None
+    except (ValueError, OverflowError) as e:  # a scalar YAML cannot convert: month 13, a 5000-digit int, !!float abc
+        raise SpecError(f"{label}: not valid YAML/JSON (a value cannot be read: {str(e)[:100]})") from None
+    finally:
+        loader.dispose()
+
+
+def parse_spec_text(text: str, label: str) -> dict[str, Any]:
+    data = load_yaml(text, label)  # YAML is a superset of JSON
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -54,8 +119,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if not all(keys):
         raise SpecError(f"--set '{assignment}': empty key in '{path}'")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
-    except yaml.YAMLError:
+        value = load_yaml(raw, f"--set '{path}'") if raw.strip() else raw
+    except SpecError as e:
+        if "not valid YAML" not in str(e):
+            raise  # over a limit: refused, not taken as a plain string
         value = raw
     node: Any = data
     for i, key in enumerate(keys):
@@ -107,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", "-q", action="store_true", help="Only warnings and errors; no progress bars.")
     parser.add_argument("--log-format", choices=("text", "json"), default="text", help="Log lines as text or JSON.")
     parser.add_argument("--debug", action="store_true", help="Show tracebacks for unexpected errors.")
+    parser.add_argument("--version", action="version", version=f"mnnpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="Run one step from a spec file.")
@@ -117,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a spec field, e.g. --set tolerance.min_cosine=0.99")
     run.add_argument("--result", help="Also write the result JSON to this local file.")
     run.add_argument("--no-cache", action="store_true", help="Run even when an identical earlier run's output exists.")
+    run.add_argument(
+        "--keep-failed",
+        nargs="?",
+        const="mnnpipe-failed",
+        metavar="DIR",
+        help="Keep a model that fails verification, marked FAILED, in a new folder under DIR (default ./mnnpipe-failed), "
+        "never under the spec's output; the error names the folder.",
+    )
 
     val = sub.add_parser("validate", help="Validate a spec without running it.")
     val.add_argument("step", choices=STEP_NAMES)
@@ -195,6 +271,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_demo(Path(args.workdir), use_cache=not args.no_cache, quiet=args.quiet)
         return 0
     spec = parse_spec(args.step, _spec_data(args))
+    if args.keep_failed:
+        from .failures import ENV
+
+        keep = Path(args.keep_failed).absolute()
+        output = spec.output[len("file://") :] if spec.output.startswith("file://") else spec.output
+        if "://" not in output and (keep == Path(output).absolute() or Path(output).absolute() in keep.parents):
+            raise SpecError(f"--keep-failed: '{args.keep_failed}' is inside the spec's output; a failed model must never sit where it would be published")
+        os.environ[ENV] = str(keep)
     result = run_step(args.step, spec, use_cache=not args.no_cache, quiet=args.quiet)
     text = result.model_dump_json(indent=2)
     if args.result:

@@ -22,6 +22,21 @@ def default_image() -> str:
     return os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
 
 
+def resolve_image(image: str | None = None) -> str:
+    """The one image setting every component, pipeline, schedule and pod uses: the `image`
+    argument when given, else $MNNPIPE_IMAGE, else DEFAULT_IMAGE (read when called, not at import)."""
+    return image or default_image()
+
+
+def image_note(image: str) -> str:
+    """How a release pins the step image; written into compiled pipelines and components."""
+    return (
+        f"Step image: {image}. A release pins it by tag and digest, e.g. "
+        f"MNNPIPE_IMAGE=registry.example.com/mnnpipe-step:{__version__}@sha256:<digest> "
+        "(or image=... / --image) when compiling, scheduling or starting runs."
+    )
+
+
 def step_command(step: str, spec_json: str, *, result_path: str | None = None, use_cache: bool = True) -> list[str]:
     """The container command that runs one step from its spec as a JSON string.
 

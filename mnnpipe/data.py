@@ -10,6 +10,7 @@ from __future__ import annotations
 import stat
 import tarfile
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -25,6 +26,12 @@ _SPLIT_SEED = 0  # fixed, so every step of a pipeline sees the same train/val/te
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 ARCHIVE_MAX_MEMBERS = 1_000_000  # more entries than any image dataset we load into memory
 ARCHIVE_MAX_BYTES = 16 * 2**30  # uncompressed; a zip bomb stops here, not when the disk is full
+# Checked on the header, before any pixel or array is decoded: a 20000x20000 PNG is a few KB on
+# disk, an .npz member can declare 64 TiB in its 128-byte header.
+IMAGE_MAX_PIXELS = 8192 * 8192  # the largest preprocess.size accepts
+NPZ_MAX_BYTES = ARCHIVE_MAX_BYTES  # per array, as declared by its header
+MAX_CLASSES = 100_000  # labels in 'y' are class indices, not arbitrary numbers
+DATASET_MAX_BYTES = 16 * 2**30  # the float32 samples a dataset becomes, checked before resizing
 
 
 @dataclass(frozen=True)
@@ -70,12 +77,27 @@ def load_dataset(ref: DatasetRef, local: Path | None = None) -> Dataset:
         raise InputError(f"{ref.uri or ref.format}: split '{ref.split}' is empty")
     raw = raw[idx]
     y = None if y is None else y[idx]
+    _check_memory(raw.shape, ref.preprocess, ref.uri or ref.format)
     if raw.ndim == 2:  # (N, features): only scale/mean/std apply
         p = ref.preprocess
         x = ((raw.astype(np.float32) / p.scale) - p.mean[0]) / p.std[0]
         return Dataset(x.astype(np.float32), y, classes, None)
     images = _resize_and_convert(raw, ref.preprocess, ref.uri or ref.format)
     return Dataset(normalize(images, ref.preprocess), y, classes, images)
+
+
+def _check_memory(raw_shape: tuple[int, ...], p: Preprocess, label: str) -> None:
+    """Refuse before resizing when the float32 samples would exceed DATASET_MAX_BYTES (1797 digits
+    resized to preprocess.size 8192x8192 would need 450 GiB)."""
+    n, sample = raw_shape[0], list(raw_shape[1:])
+    if len(sample) >= 2 and p.size is not None:
+        sample = [*p.size, 1 if p.channels == "GRAY" else 3]
+    need = 4 * n * int(np.prod(sample, dtype=np.float64))
+    if need > DATASET_MAX_BYTES:
+        raise InputError(
+            f"{label}: {n} samples of shape {sample} need {need / 2**30:.1f} GiB as float32; at most "
+            f"{DATASET_MAX_BYTES / 2**30:g} GiB (set limit or split, or a smaller preprocess.size)"
+        )
 
 
 def split_indices(n: int, y: np.ndarray | None, split: str) -> np.ndarray:
@@ -163,12 +185,10 @@ def _image_folder(root: Path, p: Preprocess) -> tuple[np.ndarray, np.ndarray, tu
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise InputError(f"{path}: not an image (expected one of {sorted(IMAGE_EXTENSIONS)})")
             try:
-                with Image.open(path) as im:
-                    im = im.convert(mode)
-                    if p.size is not None:
-                        im = im.resize((p.size[1], p.size[0]), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, ValueError) as e:
+                arr = _read_image(path, mode, p.size)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise InputError(f"{path}: image has more pixels than PIL reads safely; at most {IMAGE_MAX_PIXELS}") from None
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for some corrupt headers
                 raise InputError(f"{path}: unreadable image ({type(e).__name__})") from None
             if first_size is None:
                 first_size = arr.shape
@@ -183,23 +203,132 @@ def _image_folder(root: Path, p: Preprocess) -> tuple[np.ndarray, np.ndarray, tu
     return np.stack(images), np.asarray(labels, np.int64), classes
 
 
+def _read_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    """Decode one image file, refusing more than IMAGE_MAX_PIXELS before any pixel is decoded."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own, looser, cap
+        with Image.open(path) as im:
+            if im.width * im.height > IMAGE_MAX_PIXELS:
+                raise InputError(f"{path}: image of {im.width}x{im.height} pixels; at most {IMAGE_MAX_PIXELS} pixels are read")
+            im = im.convert(mode)
+            if size is not None:
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+
+
 def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...]]:
+    if not zipfile.is_zipfile(path):  # np.load would read a bare .npy or a pickle as something else
+        raise InputError(f"{path}: not a .npz archive (expected a zip of .npy arrays, as numpy.savez writes)")
+    _check_npz_headers(path)
     try:
         with np.load(path, allow_pickle=False) as f:  # never unpickle: .npz may be untrusted
             if "x" not in f:
                 raise InputError(f"{path}: .npz must contain an array named 'x' (and optionally 'y')")
             x = f["x"]
-            y = f["y"].astype(np.int64) if "y" in f else None
+            y = f["y"] if "y" in f else None
     except InputError:
         raise
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise InputError(f"{path}: not a readable .npz archive ({type(e).__name__}: {str(e)[:80]})") from None
-    if y is not None and (y.ndim != 1 or len(y) != len(x)):
-        raise InputError(f"{path}: 'y' must be 1-D with one label per sample ({len(x)}), got shape {list(y.shape)}")
-    if y is not None and len(y) and y.min() < 0:
-        raise InputError(f"{path}: labels in 'y' must be >= 0")
+    if x.ndim < 2:
+        raise InputError(f"{path}: 'x' must hold samples (N, ...) with at least 2 dimensions, got shape {list(x.shape)}")
+    if 0 in x.shape[1:]:
+        raise InputError(f"{path}: 'x' samples are empty (shape {list(x.shape)})")
+    if x.dtype.kind not in "biuf":
+        raise InputError(f"{path}: 'x' must hold numbers, got dtype {x.dtype}")
+    if y is not None:
+        y = _labels(path, y, len(x))
     n_classes = int(y.max()) + 1 if y is not None and len(y) else 0
     return x, y, tuple(str(i) for i in range(n_classes))
+
+
+def load_named_samples(ref: DatasetRef, local: Path | None, inputs: list) -> list[list[np.ndarray]]:
+    """Samples for a model with several inputs, from an .npz holding one array per input name.
+
+    Array `name` holds (N * batch, *shape[1:]) values of the input `name` (a TensorSpec); rows are
+    grouped by the input's batch size and cast to its dtype (int64 token ids stay integers). The
+    split and limit apply to samples; preprocessing does not (the arrays are model inputs already).
+    """
+    label = ref.uri or ref.format
+    if ref.format != "npz" or local is None:
+        raise InputError(f"{label}: a multi-input model reads its samples from an npz with one array per input name, not '{ref.format}'")
+    if ref.preprocess != Preprocess():
+        raise InputError(f"{label}: preprocess does not apply to per-input npz arrays (they are fed as stored); remove it")
+    if not zipfile.is_zipfile(local):
+        raise InputError(f"{local}: not a .npz archive (expected a zip of .npy arrays, as numpy.savez writes)")
+    _check_npz_headers(local)
+    arrays = {}
+    try:
+        with np.load(local, allow_pickle=False) as f:
+            missing = [t.name for t in inputs if t.name not in f]
+            if missing:
+                raise InputError(f"{local}: no array for input(s) {missing}; it has {sorted(f.files)} (one array per input name)")
+            arrays = {t.name: f[t.name] for t in inputs}
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{local}: not a readable .npz archive ({type(e).__name__}: {str(e)[:80]})") from None
+    counts = set()
+    for t in inputs:
+        a, batch = arrays[t.name], t.shape[0]
+        if a.dtype.kind not in "biuf" or tuple(a.shape[1:]) != tuple(t.shape[1:]) or len(a) % batch:
+            raise InputError(
+                f"{local}: array '{t.name}' has shape {list(a.shape)} of {a.dtype}; input '{t.name}' needs numbers of "
+                f"shape [N * {batch}, {', '.join(map(str, t.shape[1:]))}]"
+            )
+        if np.dtype(t.dtype).kind in "iu" and a.dtype.kind == "f" and not np.all(a == np.round(a)):
+            raise InputError(f"{local}: array '{t.name}' holds fractions; input '{t.name}' takes {t.dtype} (e.g. token ids)")
+        counts.add(len(a) // batch)
+    if len(counts) != 1:
+        raise InputError(f"{local}: the input arrays hold different sample counts {sorted(counts)}; one sample has every input")
+    idx = split_indices(counts.pop(), None, ref.split)[: ref.limit]
+    if len(idx) == 0:
+        raise InputError(f"{label}: split '{ref.split}' is empty")
+    return [
+        [arrays[t.name][i * t.shape[0] : (i + 1) * t.shape[0]].astype(t.dtype).reshape(t.shape) for t in inputs] for i in idx
+    ]
+
+
+def _labels(path: Path, y: np.ndarray, n: int) -> np.ndarray:
+    """'y' as int64 class indices, one per sample, in [0, MAX_CLASSES)."""
+    if y.ndim != 1 or len(y) != n:
+        raise InputError(f"{path}: 'y' must be 1-D with one label per sample ({n}), got shape {list(y.shape)}")
+    if y.dtype.kind not in "biuf" or (y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y)))):
+        raise InputError(f"{path}: labels in 'y' must be whole numbers (class indices), got dtype {y.dtype}")
+    if len(y) and (y.min() < 0 or y.max() >= MAX_CLASSES):
+        raise InputError(f"{path}: labels in 'y' must be class indices in [0, {MAX_CLASSES}), got [{y.min()}, {y.max()}]")
+    return y.astype(np.int64)
+
+
+def _check_npz_headers(path: Path) -> None:
+    """Refuse an array whose .npy header declares more than NPZ_MAX_BYTES, before numpy allocates it."""
+    from numpy.lib import format as npy
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with z.open(info) as f:
+                    version = npy.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = npy.read_array_header_1_0(f)
+                    else:
+                        shape, _, dtype = npy.read_array_header_2_0(f)
+                n = dtype.itemsize
+                for d in shape:
+                    n *= d
+                if n > NPZ_MAX_BYTES:
+                    raise InputError(
+                        f"{path}: array '{info.filename[:-4]}' declares shape {list(shape)} of {dtype} "
+                        f"({n / 2**30:.1f} GiB); at most {NPZ_MAX_BYTES / 2**30:g} GiB per array"
+                    )
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: not a readable .npz archive ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 # --------------------------------------------------------------------------- archives
@@ -272,6 +401,32 @@ def _copy(src, target: Path, budget: _Budget, name: str) -> None:
             dst.write(chunk)
 
 
+def check_zip_declared(
+    archive: Path | str,
+    infos: list[zipfile.ZipInfo],
+    *,
+    max_bytes: int = ARCHIVE_MAX_BYTES,
+    max_members: int = ARCHIVE_MAX_MEMBERS,
+    max_ratio: float | None = None,
+) -> None:
+    """Refuse a zip by what its central directory declares, before any member is inflated: more
+    than `max_members` entries, more than `max_bytes` uncompressed in all, or (with `max_ratio`)
+    a member over 1 MiB that inflates more than `max_ratio` times (a zip bomb). Readers such as
+    torch's allocate what the directory declares, so this is the size that matters for memory."""
+    if len(infos) > max_members:
+        raise InputError(f"{archive}: more than {max_members} members; refused")
+    total = sum(i.file_size for i in infos)
+    if total > max_bytes:
+        raise InputError(f"{archive}: {total} bytes uncompressed, more than the limit of {max_bytes}; refused")
+    if max_ratio is not None:
+        for i in infos:
+            if i.file_size > 2**20 and i.file_size > max_ratio * max(i.compress_size, 1):
+                raise InputError(
+                    f"{archive}: member {i.filename!r} inflates {i.compress_size} -> {i.file_size} bytes "
+                    f"(more than {max_ratio:g}x); refused as a zip bomb"
+                )
+
+
 def _extract_zip(archive: Path, dest: Path) -> None:
     budget = _Budget(archive)
     with zipfile.ZipFile(archive) as z:
@@ -282,8 +437,7 @@ def _extract_zip(archive: Path, dest: Path) -> None:
             kind = stat.S_IFMT(info.external_attr >> 16)  # unix file type, when the zip records one
             if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
                 raise InputError(f"{archive}: member {info.filename!r} is a link or special file; only files and folders are allowed")
-        if sum(i.file_size for i in infos) > ARCHIVE_MAX_BYTES:
-            raise InputError(f"{archive}: more than {ARCHIVE_MAX_BYTES} bytes uncompressed; refused")
+        check_zip_declared(archive, infos)
         for info in infos:
             target = _member_target(archive, info.filename, dest)
             if target is None:

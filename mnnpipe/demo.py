@@ -26,6 +26,9 @@ def digits(split: str, **extra: Any) -> dict[str, Any]:
 
 def train_teacher(folder: Path, epochs: int = 15) -> Path:
     """A digits CNN trained from scratch: the model a team would bring to the pipeline."""
+    path = folder / "teacher.pth"
+    if path.exists():  # deterministic training: the same seed gives the same weights
+        return path  # before any torch import: a cached demo run never needs torch in this process
     import torch
 
     from .data import load_dataset
@@ -33,9 +36,6 @@ def train_teacher(folder: Path, epochs: int = 15) -> Path:
     from .specs import DatasetRef
     from .train import FitConfig, accuracy, fit
 
-    path = folder / "teacher.pth"
-    if path.exists():  # deterministic training: the same seed gives the same weights
-        return path
     train, val, test = (load_dataset(DatasetRef.model_validate(digits(s))) for s in ("train", "val", "test"))
     model = digits_cnn()
     fit(model, train, FitConfig(epochs=epochs, lr=2e-3, seed=0), val=val)

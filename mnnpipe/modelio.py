@@ -3,12 +3,15 @@
 Trust model: TorchScript archives are loaded with torch's own loader (its unpickler resolves
 only TorchScript types), torch.export archives through `load_exported_safely` (torch.export.load
 alone would unpickle parts of the file unsafely), state-dicts with `torch.load(weights_only=True)`.
+TorchScript and torch.export graphs are code: `graph_allowlist` refuses any that could reach
+the host (files, prints, custom classes) before they run.
 The only code imported is a `factory` the spec names, which the pipeline author chose.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import graph_allowlist
 from .errors import InputError, SpecError
 from .specs import ModelRef
 
@@ -49,9 +53,12 @@ def load_torch(ref: ModelRef, path: Path) -> nn.Module:
         raise InputError(f"{ref.uri}: model file not found")
     if path.stat().st_size == 0:
         raise InputError(f"{ref.uri}: model file is empty")
+    check_archive_size(ref.uri, path)
     try:
         if ref.format == "torchscript":
+            graph_allowlist.check_archive_code(ref.uri, path)
             model = torch.jit.load(str(path), map_location="cpu")
+            graph_allowlist.check_torchscript(ref.uri, model)
         elif ref.format == "torch-export":
             model = load_exported_safely(ref, path).module()
         elif ref.format == "state-dict":
@@ -84,6 +91,41 @@ def load_torch(ref: ModelRef, path: Path) -> nn.Module:
     return model.eval()
 
 
+MODEL_MAX_BYTES_ENV = "MNNPIPE_MAX_MODEL_BYTES"
+MODEL_MAX_BYTES = 8 * 2**30  # uncompressed, all members; VGG19's fp32 weights are 0.55 GiB
+MODEL_MAX_MEMBERS = 100_000  # torch writes one member per storage
+MODEL_MAX_RATIO = 100.0  # torch stores members uncompressed (ratio 1); a zip bomb is 1000x+
+
+
+def max_model_bytes() -> int:
+    raw = os.environ.get(MODEL_MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return MODEL_MAX_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise SpecError(f"{MODEL_MAX_BYTES_ENV}: expected a positive number of bytes, got {raw!r}")
+    return value
+
+
+def check_archive_size(label: str, path: Path) -> None:
+    """Torch model archives (TorchScript, .pt2, zip state-dicts) are zips that torch inflates into
+    memory as declared: refuse, before loading, one that declares more than MNNPIPE_MAX_MODEL_BYTES
+    (default 8 GiB), too many members or a member that inflates like a zip bomb."""
+    from .data import check_zip_declared
+
+    if not zipfile.is_zipfile(path):
+        return  # a legacy pickle state-dict or not a model at all: the loader says which
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise InputError(f"{label}: not a readable model archive ({type(e).__name__})") from None
+    check_zip_declared(label, infos, max_bytes=max_model_bytes(), max_members=MODEL_MAX_MEMBERS, max_ratio=MODEL_MAX_RATIO)
+
+
 def _fit_weights(model: nn.Module, state: dict, ref: ModelRef) -> None:
     try:
         model.load_state_dict(state)
@@ -104,7 +146,6 @@ def load_exported_safely(ref: ModelRef, path: Path) -> torch.export.ExportedProg
     torch.load during the call (TORCH_FORCE_WEIGHTS_ONLY_LOAD is read at each call).
     """
     import json
-    import os
 
     try:
         with zipfile.ZipFile(path) as z:
@@ -125,12 +166,14 @@ def load_exported_safely(ref: ModelRef, path: Path) -> torch.export.ExportedProg
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        return torch.export.load(str(path))
+        program = torch.export.load(str(path))
     finally:
         if previous is None:
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
         else:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+    graph_allowlist.check_exported(ref.uri, program)
+    return program
 
 
 def is_zip(path: Path) -> bool:

@@ -159,6 +159,29 @@ def resnet18(num_classes: int = 1000, width: float = 1.0, in_channels: int = 3) 
     return ResNet18(num_classes=num_classes, width=width, in_channels=in_channels)
 
 
+class TextEncoder(nn.Module):
+    """A small sentence-embedding transformer: token ids + attention mask -> mean-pooled embedding.
+
+    The shape of all-MiniLM-style encoders (two int64 inputs, nn.TransformerEncoder inside) at a
+    size tests can afford; not a trained model.
+    """
+
+    def __init__(self, vocab: int = 100, dim: int = 32, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.embed(input_ids), src_key_padding_mask=attention_mask == 0)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def text_encoder(vocab: int = 100, dim: int = 32, heads: int = 4, layers: int = 2) -> TextEncoder:
+    return TextEncoder(vocab=vocab, dim=dim, heads=heads, layers=layers)
+
+
 def _init(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):

@@ -69,34 +69,38 @@ def latency_size_plot(points: Sequence[dict[str, Any]], title: str = "Latency vs
 
     `series` groups markers (e.g. "1 thread"); `note` (e.g. "top-1 0.97") is written next to
     the marker so accuracy is visible without a third axis.
+
+    Drawn on a bare Figure with the Agg canvas: importing pyplot (its backend machinery) and
+    `tight_layout` (a text-extent solve) cost more than the drawing itself (measured 1.5 s -> see
+    benchmarks/results/scaling.md); fixed margins and a small figure keep it cheap.
     """
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    fig = Figure(figsize=(6.4, 4.0), dpi=90)
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)
+    ax = fig.add_subplot()
     series: dict[str, list[dict[str, Any]]] = {}
     for p in points:
         series.setdefault(str(p.get("series", "")), []).append(p)
     markers = "osD^vP*X"
     for i, (name, pts) in enumerate(series.items()):
-        ax.scatter([p["size_mb"] for p in pts], [p["latency_ms"] for p in pts], marker=markers[i % len(markers)], s=60, label=name or None)
+        ax.scatter([p["size_mb"] for p in pts], [p["latency_ms"] for p in pts], marker=markers[i % len(markers)], s=50, label=name or None)
         for p in pts:
             text = p["label"] + (f"\n{p['note']}" if p.get("note") else "")
-            ax.annotate(text, (p["size_mb"], p["latency_ms"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            ax.annotate(text, (p["size_mb"], p["latency_ms"]), textcoords="offset points", xytext=(6, 4), fontsize=7)
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel("median latency (ms)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.set_xlim(left=0)
+    widest = max((p["size_mb"] for p in points), default=0)
+    ax.set_xlim(0, widest * 1.2 if widest > 0 else None)  # room for the labels right of the markers
     ax.set_ylim(bottom=0)
     if any(series):
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.legend(fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return buf.getvalue()
 
 

@@ -22,10 +22,10 @@ from typing import Any, Iterable, Iterator, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from . import __version__
-from .errors import InputError, SpecError
+from .errors import InputError, IntegrityError, MnnpipeError, SpecError
 from .specs import Artifact, DatasetRef, ModelRef, StepResult, StepSpec
 from .steps import step_module
-from .store import MANIFEST, RESULT, OutputLock, fetch, iter_files, join, sha256_file, sha256_path, store_for
+from .store import MANIFEST, RESULT, OutputLock, fetch, fetch_verified, iter_files, join, same_location, sha256_file, sha256_path, store_for
 
 log = logging.getLogger("mnnpipe")
 T = TypeVar("T")
@@ -109,28 +109,32 @@ def format_validation_error(e: ValidationError) -> str:
     return f"{loc}: {msg}{more}"
 
 
-def input_refs(spec: BaseModel) -> list[str]:
-    """Every input URI a spec names (ModelRefs and DatasetRefs, nested and in lists)."""
-    uris: list[str] = []
+def input_fields(spec: BaseModel) -> dict[tuple[str | int, ...], str]:
+    """Every input URI a spec names (ModelRefs and DatasetRefs, nested and in lists), by the path
+    of its `uri` field in the spec's JSON form, e.g. ('candidates', 1, 'model', 'uri')."""
+    found: dict[tuple[str | int, ...], str] = {}
 
-    def walk(value: Any) -> None:
-        if isinstance(value, ModelRef):
-            uris.append(value.uri)
-        elif isinstance(value, DatasetRef):
+    def walk(value: Any, path: tuple[str | int, ...]) -> None:
+        if isinstance(value, (ModelRef, DatasetRef)):
             if value.uri:
-                uris.append(value.uri)
+                found[(*path, "uri")] = value.uri
         elif isinstance(value, BaseModel):
             for name in type(value).model_fields:
-                walk(getattr(value, name))
+                walk(getattr(value, name), (*path, name))
         elif isinstance(value, (list, tuple)):
-            for item in value:
-                walk(item)
+            for i, item in enumerate(value):
+                walk(item, (*path, i))
         elif isinstance(value, dict):
-            for item in value.values():
-                walk(item)
+            for k, item in value.items():
+                walk(item, (*path, k))
 
-    walk(spec)
-    return list(dict.fromkeys(uris))
+    walk(spec, ())
+    return found
+
+
+def input_refs(spec: BaseModel) -> list[str]:
+    """Every input URI a spec names, once each, in spec order."""
+    return list(dict.fromkeys(input_fields(spec).values()))
 
 
 def versions() -> dict[str, str]:
@@ -145,15 +149,26 @@ def versions() -> dict[str, str]:
     return out
 
 
+# The engines whose versions shape a step's output: a new MNN or torch is new work.
+KEY_ENGINES = ("mnnpipe", "torch", "MNN", "onnx", "onnxruntime")
+
+
 def cache_key(step: str, spec: StepSpec, digests: dict[str, str]) -> str:
-    """Same step, same spec (wherever it publishes) and same input bytes -> same key."""
-    body = {
-        "step": step,
-        "spec": spec.model_dump(mode="json", exclude={"output"}),
-        "inputs": sorted(digests.values()),
-        "mnnpipe": __version__,
-    }
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    """Same step, same spec and same input bytes in the same roles, same engines -> same key.
+
+    Each input URI in the spec is replaced by its content digest where it stands (its role is
+    its field path), so the same bytes under a new prefix hit, and two inputs that swap contents
+    at fixed URIs miss. Where the step publishes (`output`) is not part of the work.
+    """
+    body = spec.model_dump(mode="json", exclude={"output"})
+    for path, uri in input_fields(spec).items():
+        node = body
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = f"sha256:{digests[uri]}" if uri in digests else uri
+    engines = versions()
+    key = {"step": step, "spec": body, "engines": {name: engines.get(name) for name in KEY_ENGINES}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def cache_index_uri(output: str, key: str) -> str:
@@ -168,47 +183,74 @@ def cache_index_uri(output: str, key: str) -> str:
 
 
 def read_manifest(output: str) -> dict[str, Any] | None:
+    """The output's manifest, or None when it is not published: absent, vanished, or unparseable."""
     uri = join(output, MANIFEST)
     store = store_for(uri)
     if not store.exists(uri):
         return None
     try:
-        return json.loads(store.read_bytes(uri))
-    except ValueError:
+        manifest = json.loads(store.read_bytes(uri))
+    except (ValueError, InputError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def _cached(step: str, spec: StepSpec, key: str, result_cls: type[StepResult]) -> StepResult | None:
-    """An earlier complete output with this key, re-published under spec.output if needed."""
+    """An earlier complete output with this key, re-published under spec.output if needed.
+
+    Every artifact is checked against its recorded sha256 and size (not only that it exists):
+    a damaged or missing one makes this a miss, so the step runs again and republishes.
+    """
     index_uri = cache_index_uri(spec.output, key)
     store = store_for(index_uri)
     try:
         if not store.exists(index_uri):
             return None
         earlier_output = json.loads(store.read_bytes(index_uri))["output"]
-    except (ValueError, KeyError, InputError):
+    except (ValueError, KeyError, TypeError, MnnpipeError):
         return None
     manifest = read_manifest(earlier_output)
     if not manifest or manifest.get("cache_key") != key:
         return None  # overwritten or never completed: recompute
-    for art in manifest["artifacts"].values():
-        if not store_for(art["uri"]).exists(art["uri"]):
-            return None
-    result = result_cls.model_validate(manifest["result"])
-    if earlier_output.rstrip("/") == spec.output.rstrip("/"):
-        return result.model_copy(update={"cached": True})
-    # Same work, new place: copy the bytes (verified) and publish a manifest of our own.
+    try:
+        result = result_cls.model_validate(manifest["result"])
+        artifacts = [(a["uri"], a["sha256"], a["size"]) for a in manifest["artifacts"].values()]
+    except (KeyError, TypeError, AttributeError, ValidationError):
+        return None
+    same_place = same_location(earlier_output.rstrip("/"), spec.output.rstrip("/"))
     with tempfile.TemporaryDirectory(prefix="mnnpipe-cache-") as tmp:
-        outdir = Path(tmp)
+        outdir = Path(tmp) / "out"
+        outdir.mkdir()
         base = earlier_output.rstrip("/") + "/"
-        for art in manifest["artifacts"].values():
-            local = fetch(art["uri"], outdir / ".fetch")
-            rel = art["uri"][len(base) :]
-            (outdir / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local, outdir / rel)
-        shutil.rmtree(outdir / ".fetch", ignore_errors=True)
+        try:
+            for uri, sha256, size in artifacts:
+                local = fetch_verified(uri, sha256, size, Path(tmp) / "fetch")
+                if not same_place:
+                    rel = uri[len(base) :]
+                    (outdir / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(local, outdir / rel)
+        except (InputError, IntegrityError) as e:
+            log.warning("cache entry %s is not intact (%s): running the step again", key[:12], e)
+            return None
+        if same_place:
+            _restore_result(earlier_output, manifest["result"])
+            return result.model_copy(update={"cached": True})
+        # Same work, new place: publish the verified bytes with a manifest of our own.
         fresh = result.model_copy(update={"artifacts": {}, "cached": True})
         return publish(step, spec, fresh, outdir, manifest["inputs"], key, manifest.get("started_at", ""), cached_from=earlier_output)
+
+
+def _restore_result(output: str, recorded: dict[str, Any]) -> None:
+    """Put result.json back as the manifest records it, if it was deleted or altered."""
+    uri = join(output, RESULT)
+    store = store_for(uri)
+    try:
+        current = json.loads(store.read_bytes(uri))
+    except (InputError, ValueError):
+        current = None
+    if current != recorded:
+        log.warning("%s was missing or altered: restored from the manifest", uri)
+        store.write_bytes(json.dumps(recorded, indent=2).encode(), uri)
 
 
 def publish(
@@ -233,9 +275,10 @@ def publish(
         if rel in (MANIFEST, RESULT):
             raise AssertionError(f"a step must not write {rel} itself")
         uri = join(output, rel)
-        store_for(uri).put(path, uri)
+        digest = sha256_file(path)  # once: the upload's metadata and the manifest share it
+        store_for(uri).put(path, uri, sha256=digest)
         artifacts[rel] = Artifact(
-            uri=uri, sha256=sha256_file(path), size=path.stat().st_size, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+            uri=uri, sha256=digest, size=path.stat().st_size, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream")
         )
     final = result.model_copy(update={"artifacts": {**artifacts, **result.artifacts}, "output": output, "cache_key": key})
     result_json = final.model_dump_json(indent=2).encode()
@@ -255,8 +298,13 @@ def publish(
         "finished_at": _now(),
     }
     store.write_bytes(json.dumps(manifest, indent=2, sort_keys=True).encode(), manifest_uri)
+    # The manifest is the commit point: the step is published. The cache index only saves work
+    # later, so failing to write it is a warning, never a failure of a published step.
     index_uri = cache_index_uri(output, key)
-    store_for(index_uri).write_bytes(json.dumps({"output": output, "step": step}).encode(), index_uri)
+    try:
+        store_for(index_uri).write_bytes(json.dumps({"output": output, "step": step}).encode(), index_uri)
+    except MnnpipeError as e:
+        log.warning("published %s, but could not record it in the cache index (%s)", output, e)
     return final
 
 

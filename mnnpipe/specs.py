@@ -16,14 +16,14 @@ SCHEMA_VERSION = 1
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _URI_SCHEMES = ("file://", "s3://")
-_MAX_DIM = 1 << 16
 _MAX_ELEMENTS = 1 << 28  # 256 M elements (1 GiB of fp32): beyond that a declared shape is absurd
 
 
 class Strict(BaseModel):
-    """Frozen, closed model: unknown keys are errors, values cannot change after validation."""
+    """Frozen, closed model: unknown keys are errors, values cannot change after validation.
+    No float field of a spec means anything at NaN or infinity (a range, a scale, a budget)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 def check_uri(value: str, field: str = "uri") -> str:
@@ -39,8 +39,18 @@ def check_uri(value: str, field: str = "uri") -> str:
         if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
             raise ValueError(f"{field} has an invalid S3 bucket name '{bucket}'")
         path = rest[len(bucket) :]
+        # S3 keys are literal: "a/./b" or "a//b" is a different object than "a/b" to the
+        # server, and some servers refuse them. (A trailing "/" names a prefix.)
+        segments = path.strip("/").split("/") if path.strip("/") else []
+        if path.startswith("//") or any(seg in (".", "") for seg in segments):
+            raise ValueError(f"{field} must not contain '.' or empty ('//') segments in its S3 key (got '{value}')")
+    elif value.startswith("file://"):
+        host, _, rest = value[len("file://") :].partition("/")
+        if host not in ("", "localhost"):
+            raise ValueError(f"{field}: file:// URI names host '{host}'; expected file:///absolute/path or file://localhost/absolute/path")
+        path = "/" + rest
     else:
-        path = value[len("file://") :] if value.startswith("file://") else value
+        path = value
     if ".." in PurePosixPath(path).parts:
         raise ValueError(f"{field} must not contain '..' path segments (got '{value}')")
     if "\x00" in value:
@@ -55,7 +65,7 @@ def check_factory(value: str | None) -> str | None:
     return value
 
 
-ModelFormat = Literal["auto", "torchscript", "torch-export", "state-dict", "onnx", "mnn"]
+ModelFormat = Literal["auto", "torchscript", "torch-export", "state-dict", "onnx", "mnn", "openvino"]
 _EXT_FORMATS = {
     ".pt": "torchscript",
     ".ts": "torchscript",
@@ -64,6 +74,7 @@ _EXT_FORMATS = {
     ".pth": "state-dict",
     ".onnx": "onnx",
     ".mnn": "mnn",
+    ".xml": "openvino",  # OpenVINO IR (+ .bin beside it): the benchmark step times it
 }
 
 
@@ -74,7 +85,7 @@ class ModelRef(Strict):
     format: ModelFormat = Field(
         "auto",
         description="torchscript (.pt), torch-export (.pt2), state-dict (.pth, needs `factory`), "
-        "onnx, mnn; `auto` infers it from the file extension.",
+        "onnx, mnn, openvino (.xml IR; benchmark only); `auto` infers it from the file extension.",
     )
     factory: str | None = Field(
         None,
@@ -189,7 +200,7 @@ class TensorSpec(Strict):
 
     name: str = Field("input", min_length=1, max_length=128, description="Input tensor name.")
     shape: tuple[int, ...] = Field(description="Static shape including the batch dimension, e.g. [1, 3, 224, 224].")
-    dtype: Literal["float32", "int64", "int32", "uint8"] = Field("float32", description="Element type.")
+    dtype: Literal["float32", "float64", "int64", "int32", "uint8"] = Field("float32", description="Element type.")
     range: tuple[float, float] = Field((0.0, 1.0), description="[low, high) for random sample inputs.")
 
     @field_validator("shape")
@@ -197,8 +208,8 @@ class TensorSpec(Strict):
     def _shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if not 1 <= len(v) <= 8:
             raise ValueError(f"shape must have 1 to 8 dimensions, got {len(v)}")
-        if any(d < 1 or d > _MAX_DIM for d in v):
-            raise ValueError(f"shape dimensions must be in [1, {_MAX_DIM}], got {list(v)}")
+        if any(d < 1 for d in v):  # no cap per dimension: a 1-D audio input has 220,000 samples
+            raise ValueError(f"shape dimensions must be >= 1, got {list(v)}")
         n = 1
         for d in v:
             n *= d
@@ -212,6 +223,43 @@ class TensorSpec(Strict):
         if not v[0] < v[1]:
             raise ValueError(f"range must be [low, high) with low < high, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _range_fits_dtype(self) -> TensorSpec:
+        """Values drawn from `range` must be representable: no wrap-around, no overflow to inf."""
+        import numpy as np
+
+        dtype = np.dtype(self.dtype)
+        info = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype)
+        high = float(info.max) + (1 if dtype.kind in "iu" else 0)  # exclusive for integers
+        if not (float(info.min) <= self.range[0] and self.range[1] <= high):
+            raise ValueError(f"range {list(self.range)} does not fit dtype {self.dtype} ([{info.min}, {info.max}])")
+        return self
+
+
+# What a spec may ask a step to hold in memory as sample inputs it generates (random or timing
+# inputs): far beyond any verification or benchmark need, well below a worker's memory.
+SAMPLE_MAX_BYTES = 4 * 2**30
+
+
+def tensor_bytes(t: TensorSpec, batch: int | None = None) -> int:
+    """Bytes of one tensor of `t`'s shape and dtype; `batch` replaces the batch dimension."""
+    import numpy as np
+
+    n = batch if batch is not None else t.shape[0]
+    for d in t.shape[1:]:
+        n *= d
+    return n * np.dtype(t.dtype).itemsize
+
+
+def check_sample_memory(total: int, what: str) -> None:
+    """Refuse a spec whose declared sample inputs need more than SAMPLE_MAX_BYTES; `what` names
+    the fields and how they multiply, e.g. 'num_samples (4096) x inputs (1 GiB each)'."""
+    if total > SAMPLE_MAX_BYTES:
+        raise ValueError(
+            f"{what} need {total / 2**30:.1f} GiB of sample inputs; at most {SAMPLE_MAX_BYTES / 2**30:g} GiB "
+            "(lower the count or the shapes)"
+        )
 
 
 class Tolerance(Strict):
@@ -229,7 +277,7 @@ class StepSpec(Strict):
     output: str = Field(
         description="Path, file:// or s3:// prefix where the step publishes its artifacts and manifest.json."
     )
-    seed: int = Field(0, ge=0, description="Seed for every random choice the step makes (sampling, init, shuffling).")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed for every random choice the step makes (sampling, init, shuffling).")
 
     @field_validator("output")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -19,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from .errors import InputError, IntegrityError, StoreError
+from .errors import InputError, IntegrityError, SpecError, StoreError
 
 MANIFEST = "manifest.json"
 RESULT = "result.json"
@@ -67,7 +68,7 @@ class Store(Protocol):
     def exists(self, uri: str) -> bool: ...
     def is_prefix(self, uri: str) -> bool: ...
     def get(self, uri: str, dest: Path) -> None: ...
-    def put(self, src: Path, uri: str) -> None: ...
+    def put(self, src: Path, uri: str, *, sha256: str | None = None) -> None: ...
     def read_bytes(self, uri: str) -> bytes: ...
     def write_bytes(self, data: bytes, uri: str, *, if_absent: bool = False) -> bool: ...
     def swap(self, uri: str, update: Callable[[bytes | None], bytes | None]) -> bytes | None: ...
@@ -79,7 +80,25 @@ class Store(Protocol):
 
 
 def local_path(uri: str) -> Path:
-    return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+    """The filesystem path of a plain path or a file:// URI (file:///abs or file://localhost/abs)."""
+    if not uri.startswith("file://"):
+        return Path(uri)
+    host, _, path = uri[len("file://") :].partition("/")
+    if host not in ("", "localhost"):
+        raise InputError(f"{uri}: file:// URI names host '{host}'; expected file:///absolute/path or file://localhost/absolute/path")
+    return Path("/" + path)
+
+
+def same_location(a: str, b: str) -> bool:
+    """Whether two URIs name the same object: S3 keys literally, local paths once normalised
+    (file://, repeated slashes, '.' segments and symlinks all spell the same file)."""
+    if a.startswith("s3://") or b.startswith("s3://"):
+        return a == b
+    return _local_key(a) == _local_key(b)
+
+
+def _local_key(uri: str) -> str:
+    return os.path.realpath(re.sub("/+", "/", str(local_path(uri))))
 
 
 class LocalStore:
@@ -98,7 +117,7 @@ class LocalStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
 
-    def put(self, src: Path, uri: str) -> None:
+    def put(self, src: Path, uri: str, *, sha256: str | None = None) -> None:
         dest = local_path(uri)
         self._atomic(dest, lambda tmp: shutil.copyfile(src, tmp))
 
@@ -113,50 +132,57 @@ class LocalStore:
     def write_bytes(self, data: bytes, uri: str, *, if_absent: bool = False) -> bool:
         dest = local_path(uri)
         if if_absent:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            try:  # O_EXCL: exactly one concurrent writer wins
-                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            # link() of a finished temporary fails if the name exists: exactly one concurrent
+            # writer wins, and no reader ever sees the file empty or half-written.
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.link(tmp, dest)
+                except FileExistsError:
+                    return False
+                finally:
+                    tmp.unlink(missing_ok=True)
+            except OSError as e:
+                raise StoreError(f"{dest}: cannot write ({e.strerror})") from None
             return True
         self._atomic(dest, lambda tmp: tmp.write_bytes(data))
         return True
 
     def swap(self, uri: str, update: Callable[[bytes | None], bytes | None]) -> bytes | None:
         """Compare-and-swap: `update(current)` returns the new bytes, or None to leave it. Writers
-        are serialised by an O_EXCL lock file (stale after 60 s, e.g. after a SIGKILL)."""
+        are serialised by flock() on the containing folder: the kernel releases it when a holder
+        dies, so there is no stale lock to guess about and nothing is left beside the file."""
+        import fcntl
         import time
 
         dest = local_path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        lock = dest.with_name(f".{dest.name}.lock")
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-                break
-            except FileExistsError:
-                try:
-                    if time.time() - lock.stat().st_mtime > 60:
-                        lock.unlink(missing_ok=True)
-                        continue
-                except FileNotFoundError:
-                    continue
-                if time.monotonic() > deadline:
-                    raise StoreError(f"{uri}: could not lock for update within 120 s") from None
-                time.sleep(0.01)
         try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise StoreError(f"{uri}: cannot open its folder ({e.strerror})") from None
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreError(f"{uri}: could not lock for update within 120 s") from None
+                    time.sleep(0.01)
             current = dest.read_bytes() if dest.exists() else None
             new = update(current)
             if new is not None:
                 self._atomic(dest, lambda tmp: tmp.write_bytes(new))
             return new
         finally:
-            lock.unlink(missing_ok=True)
+            os.close(fd)  # releases the flock
 
     def list(self, prefix: str) -> list[str]:
         root = local_path(prefix)
@@ -203,16 +229,37 @@ class S3Settings:
 
     @classmethod
     def from_env(cls) -> S3Settings:
+        """Invalid values are bad input (exit 2) naming the variable, not a boto3 traceback."""
         env = os.environ
+        style = env.get("MNNPIPE_S3_ADDRESSING_STYLE", "auto")
+        if style not in ("auto", "path", "virtual"):
+            raise SpecError(f"MNNPIPE_S3_ADDRESSING_STYLE: expected auto, path or virtual, got '{style}'")
+        endpoint = env.get("MNNPIPE_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+            raise SpecError(f"MNNPIPE_S3_ENDPOINT_URL: expected an http:// or https:// URL, got '{endpoint}'")
         return cls(
-            endpoint_url=env.get("MNNPIPE_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+            endpoint_url=endpoint,
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-            addressing_style=env.get("MNNPIPE_S3_ADDRESSING_STYLE", "auto"),
-            max_attempts=int(env.get("MNNPIPE_S3_MAX_ATTEMPTS", "5")),
-            connect_timeout=float(env.get("MNNPIPE_S3_CONNECT_TIMEOUT", "5")),
-            read_timeout=float(env.get("MNNPIPE_S3_READ_TIMEOUT", "60")),
-            multipart_threshold=int(env.get("MNNPIPE_S3_MULTIPART_THRESHOLD", str(8 << 20))),
+            addressing_style=style,
+            max_attempts=_env_number("MNNPIPE_S3_MAX_ATTEMPTS", 5, int, 1),
+            connect_timeout=_env_number("MNNPIPE_S3_CONNECT_TIMEOUT", 5.0, float, 0.1),
+            read_timeout=_env_number("MNNPIPE_S3_READ_TIMEOUT", 60.0, float, 0.1),
+            multipart_threshold=_env_number("MNNPIPE_S3_MULTIPART_THRESHOLD", 8 << 20, int, 1),
         )
+
+
+def _env_number(name: str, default, kind: type, minimum):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not value >= minimum or value != value or value == float("inf"):
+        what = "an integer" if kind is int else "a number"
+        raise SpecError(f"{name}: expected {what} >= {minimum}, got '{raw}'")
+    return value
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -228,24 +275,33 @@ class S3Store:
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
+        from botocore.exceptions import BotoCoreError
 
         self.settings = settings
-        self.client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=settings.endpoint_url,
-            region_name=settings.region,
-            config=Config(
-                retries={"max_attempts": settings.max_attempts, "mode": "standard"},
-                connect_timeout=settings.connect_timeout,
-                read_timeout=settings.read_timeout,
-                s3={"addressing_style": settings.addressing_style},
-            ),
-        )
+        try:
+            self.client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=settings.endpoint_url,
+                region_name=settings.region,
+                config=Config(
+                    # total_max_attempts counts the first try; botocore's "max_attempts" would
+                    # count only retries, one more attempt than the setting says.
+                    retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
+                    connect_timeout=settings.connect_timeout,
+                    read_timeout=settings.read_timeout,
+                    s3={"addressing_style": settings.addressing_style},
+                ),
+            )
+        except (BotoCoreError, ValueError) as e:  # e.g. an invalid AWS_* setting in the environment
+            raise SpecError(f"S3 client configuration is invalid ({type(e).__name__}: {redact(str(e))})") from None
         self.transfer = TransferConfig(
             multipart_threshold=settings.multipart_threshold,
             multipart_chunksize=max(settings.multipart_threshold, 5 << 20),
             use_threads=True,
-            max_concurrency=4,
+            max_concurrency=10,  # boto3's default: fewer parallel parts was measurably slower
+            # botocore already retries each request max_attempts times; s3transfer's own download
+            # attempts would multiply that (5 x), so the settings would not bound a stalled read.
+            num_download_attempts=1,
         )
 
     def _fail(self, action: str, uri: str, e: Exception) -> StoreError | InputError:
@@ -258,6 +314,9 @@ class S3Store:
             if code == "NoSuchBucket":
                 return InputError(f"{uri}: bucket does not exist")
             return StoreError(f"{uri}: S3 {action} failed ({code or 'error'}: {redact(str(e.response.get('Error', {}).get('Message', '')))})")
+        if isinstance(e, AttributeError):
+            # urllib3/http.client report a connection closed under a stalled transfer this way
+            return StoreError(f"{uri}: S3 {action} failed (the connection to {self.settings.endpoint_url or 'S3'} stalled or was closed mid-transfer)")
         return StoreError(f"{uri}: S3 {action} failed ({type(e).__name__}: {redact(str(e))})")
 
     def exists(self, uri: str) -> bool:
@@ -294,14 +353,31 @@ class S3Store:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def put(self, src: Path, uri: str) -> None:
+    def put(self, src: Path, uri: str, *, sha256: str | None = None) -> None:
         bucket, key = split_s3(uri)
+        multipart = src.stat().st_size >= self.settings.multipart_threshold
+        if multipart:
+            self._abort_uploads(bucket, key)  # parts an earlier, failed attempt could not abort
         try:  # multipart above the threshold; S3 makes the object visible only when complete
             self.client.upload_file(
-                str(src), bucket, key, Config=self.transfer, ExtraArgs={"Metadata": {"sha256": sha256_file(src)}}
+                str(src), bucket, key, Config=self.transfer, ExtraArgs={"Metadata": {"sha256": sha256 or sha256_file(src)}}
             )
         except Exception as e:
             raise self._fail("upload", uri, e) from None
+
+    def _abort_uploads(self, bucket: str, key: str) -> None:
+        """Abort unfinished multipart uploads of `key` (ours: one writer per output holds its lock),
+        so a failed upload leaves no orphaned parts billed on the server. s3transfer aborts a
+        failed upload itself, but that abort is lost when the server is down at the time, so the
+        next upload of the same key (the rerun) clears what is left first. Trying again at once
+        would only add another full retry window to a failure while the server is away."""
+        try:
+            resp = self.client.list_multipart_uploads(Bucket=bucket, Prefix=key)
+            for upload in resp.get("Uploads", []):
+                if upload.get("Key") == key:
+                    self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+        except Exception:
+            pass  # the store is unreachable: the upload error itself is what the user needs
 
     def read_bytes(self, uri: str) -> bytes:
         bucket, key = split_s3(uri)
@@ -410,6 +486,8 @@ def fetch(uri: str, dest_dir: Path) -> Path:
         base = uri.rstrip("/") + "/"
         for obj in store.list(uri):
             rel = obj[len(base) :]
+            if rel == "" or rel.endswith("/"):
+                continue  # a folder marker (a zero-byte "dir/" key some tools create), not a file
             if ".." in Path(rel).parts or rel.startswith("/"):
                 raise InputError(f"{obj}: object key escapes its prefix")
             store.get(obj, root / rel)
@@ -418,20 +496,38 @@ def fetch(uri: str, dest_dir: Path) -> Path:
 
 
 def _verify_against_manifest(uri: str, path: Path) -> None:
+    """Verify a file against the manifest beside it, if there is one. A manifest that exists but
+    cannot be parsed vouches for nothing: reading beside it is refused, not left unchecked."""
     if not path.is_file():
         return
-    parent = uri.rsplit("/", 1)[0]
+    parent = uri.rsplit("/", 1)[0] if "/" in uri else "."
     manifest_uri = join(parent, MANIFEST)
     store = store_for(manifest_uri)
-    try:
-        if not store.exists(manifest_uri):
-            return
-        manifest = json.loads(store.read_bytes(manifest_uri))
-    except (InputError, ValueError):
+    if not store.exists(manifest_uri):
         return
-    for art in manifest.get("artifacts", {}).values():
-        if art.get("uri") == uri:
-            verify_file(path, art["sha256"], art["size"], uri)
+    try:
+        artifacts = json.loads(store.read_bytes(manifest_uri))["artifacts"]
+        entries = [(a["uri"], a["sha256"], a["size"]) for a in artifacts.values()]
+    except InputError:
+        return  # removed between the two calls: nothing vouches for the file, as before it existed
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise IntegrityError(f"{manifest_uri}: manifest is unreadable (corrupt or truncated); refusing to read {uri} unverified") from None
+    for art_uri, sha256, size in entries:
+        if same_location(art_uri, uri):
+            verify_file(path, sha256, size, uri)
+
+
+def fetch_verified(uri: str, sha256: str, size: int, dest_dir: Path) -> Path:
+    """A local copy of one artifact (local files in place), checked against a digest we trust."""
+    if uri.startswith("s3://"):
+        path = dest_dir / uuid.uuid4().hex[:8] / Path(split_s3(uri)[1]).name
+        store_for(uri).get(uri, path)
+    else:
+        path = local_path(uri)
+        if not path.is_file():
+            raise InputError(f"{uri}: no such file")
+    verify_file(path, sha256, size, uri)
+    return path
 
 
 def verify_file(path: Path, sha256: str, size: int, label: str) -> None:
@@ -462,9 +558,11 @@ _HELD_LOCKS: set[str] = set()  # ids of locks this process holds right now
 class OutputLock:
     """One writer per output prefix at a time; a second concurrent run refuses (StoreError).
 
-    The lock is a small object created with a conditional write (O_EXCL locally, If-None-Match
-    on S3). A lock left by a killed run is stale when its process is gone (same host) or when it
-    is older than MNNPIPE_LOCK_TTL seconds (default 6 h), so a rerun after SIGKILL proceeds.
+    The lock is a small object created with a conditional write (link() of a finished file
+    locally, If-None-Match on S3). A lock left by a killed run is stale when its process is gone
+    (same host) or when it is older than MNNPIPE_LOCK_TTL seconds (default 6 h), so a rerun after
+    SIGKILL proceeds; a stale lock is taken over only with a compare-and-swap against the bytes
+    judged stale (flock locally, If-Match on its ETag on S3), so two contenders never both win.
     """
 
     def __init__(self, output: str):
@@ -480,19 +578,25 @@ class OutputLock:
         return json.loads(self.body)["id"]
 
     def __enter__(self) -> OutputLock:
-        if self.store.write_bytes(self.body, self.uri, if_absent=True):
-            _HELD_LOCKS.add(self.id)
-            return self
-        holder = self._holder()
-        if holder is not None and not self._stale(holder):
-            raise StoreError(
-                f"{self.uri.rsplit('/', 1)[0]}: another run (pid {holder.get('pid')} on {holder.get('host')}) is writing this output; retry when it finishes"
-            )
-        self.store.delete(self.uri)  # stale: its writer is gone
-        if not self.store.write_bytes(self.body, self.uri, if_absent=True):
-            raise StoreError(f"{self.uri.rsplit('/', 1)[0]}: another run took this output's lock first; retry when it finishes")
-        _HELD_LOCKS.add(self.id)
-        return self
+        for _ in range(20):
+            if self.store.write_bytes(self.body, self.uri, if_absent=True):
+                _HELD_LOCKS.add(self.id)
+                return self
+            raw = self._read()
+            if raw is None:
+                continue  # released between our create and our read: try the create again
+            holder = _parse_lock(raw)
+            if holder is not None and not self._stale(holder):
+                raise StoreError(
+                    f"{self.uri.rsplit('/', 1)[0]}: another run (pid {holder.get('pid')} on {holder.get('host')}) is writing this output; retry when it finishes"
+                )
+            # Stale (or unreadable): take it over only if it is still the very lock we judged,
+            # with a compare-and-swap. Deleting and re-creating would let a contender that read
+            # the same stale lock delete the fresh lock we just made.
+            if self.store.swap(self.uri, lambda current: self.body if current == raw else None) is not None:
+                _HELD_LOCKS.add(self.id)
+                return self
+        raise StoreError(f"{self.uri.rsplit('/', 1)[0]}: could not take this output's lock (too many concurrent runs); retry when they finish")
 
     def __exit__(self, *exc) -> None:
         _HELD_LOCKS.discard(self.id)
@@ -503,11 +607,15 @@ class OutputLock:
         except StoreError:
             pass  # store unreachable: the lock goes stale with this process, never blocks a rerun for long
 
-    def _holder(self) -> dict | None:
+    def _read(self) -> bytes | None:
         try:
-            return json.loads(self.store.read_bytes(self.uri))
-        except (InputError, ValueError):
+            return self.store.read_bytes(self.uri)
+        except InputError:
             return None
+
+    def _holder(self) -> dict | None:
+        raw = self._read()
+        return None if raw is None else _parse_lock(raw)
 
     @staticmethod
     def _stale(holder: dict) -> bool:
@@ -526,3 +634,11 @@ class OutputLock:
             except (PermissionError, ValueError):
                 return False
         return False
+
+
+def _parse_lock(raw: bytes) -> dict | None:
+    try:
+        holder = json.loads(raw)
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) else None

@@ -3,6 +3,9 @@
     python pipelines/compress.py            # compile -> pipelines/compress.yaml (same as generate)
     python -m mnnpipe.kfp.generate          # regenerate every component.yaml and compress.yaml
 
+The step image is one setting: `compress_pipeline(image=...)`, else $MNNPIPE_IMAGE, else the
+package's tag; the compiled description says how a release pins it (tag and digest).
+
 Step order: [distill] -> [prune] -> convert -> [quantize] -> [benchmark] -> gate. Convert runs
 before quantize because MNN's int8 quantizer needs the fp32 .mnn the converter makes.
 """

@@ -23,15 +23,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from airflow.sdk import BaseOperator
 
-from ..container import default_image, step_command
+from ..container import resolve_image, step_command
 from ..errors import InputError, SpecError
 from ..specs import StepSpec
 from ..steps import STEP_NAMES, step_module
@@ -41,6 +44,11 @@ if TYPE_CHECKING:
 
 Execution = Literal["in_process", "kubernetes"]
 EXECUTIONS: tuple[str, ...] = ("in_process", "kubernetes")
+PULL_POLICIES: tuple[str, ...] = ("Always", "IfNotPresent", "Never")
+KUBERNETES_EXTRA_MISSING = (
+    "execution 'kubernetes' needs apache-airflow-providers-cncf-kubernetes (pip install 'mnnpipe[k8s]'); "
+    "use execution='in_process' to run the step in the worker"
+)
 
 #: Where KubernetesPodOperator's xcom sidecar reads a task's return value from.
 POD_RESULT_PATH = "/airflow/xcom/return.json"
@@ -155,6 +163,51 @@ def _check_resources(resources: Mapping[str, Mapping[str, str]]) -> dict[str, di
     return out
 
 
+# Words of metric names an operator looks for first, in this order: size, fidelity, accuracy, time.
+_SUMMARY_WORDS = ("size", "ratio", "cosine", "agreement", "error", "accuracy", "top1", "drop", "seconds", "mean")
+_SUMMARY_MAX = 8
+
+
+def summary_line(step: str, result: Any) -> str:
+    """One line with the step's headline metrics, e.g. `convert summary: size_bytes=77756 cosine=1 ...`."""
+
+    def rank(name: str) -> int | None:
+        words = re.split(r"[/_.]", name.lower())
+        return next((i for i, word in enumerate(_SUMMARY_WORDS) if word in words), None)
+
+    metrics = getattr(result, "metrics", {}) or {}
+    picked = sorted((rank(k), k, v) for k, v in metrics.items() if rank(k) is not None)
+    shown = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for _, k, v in picked[:_SUMMARY_MAX])
+    more = f" (+{len(picked) - _SUMMARY_MAX} more in the result)" if len(picked) > _SUMMARY_MAX else ""
+    cached = " cached" if getattr(result, "cached", False) else ""
+    return f"{step} summary:{cached} {shown or 'no metrics'}{more} -> {getattr(result, 'output', '')}"
+
+
+#: Seconds between "still running" lines while a step runs in the worker: a task log is never
+#: silent for longer, so an operator can tell a slow step from a hung one.
+HEARTBEAT_S = 20.0
+
+
+@contextlib.contextmanager
+def heartbeat(log: Any, step: str, every: float | None = None) -> Iterator[None]:
+    """Log `<step> still running (N s)` every `every` seconds (HEARTBEAT_S) until the block ends."""
+    interval = HEARTBEAT_S if every is None else every
+    done = threading.Event()
+    started = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(interval):
+            log.info("%s still running (%.0f s)", step, time.monotonic() - started)
+
+    thread = threading.Thread(target=beat, name=f"mnnpipe-heartbeat-{step}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
+
+
 def kubernetes_provider_installed() -> bool:
     return importlib.util.find_spec("airflow.providers.cncf.kubernetes") is not None
 
@@ -201,14 +254,11 @@ class MnnStepOperator(BaseOperator):
         if execution not in EXECUTIONS:
             raise SpecError(f"execution: expected one of {', '.join(EXECUTIONS)}, got '{execution}'")
         if execution == "kubernetes" and not kubernetes_provider_installed():
-            raise SpecError(
-                "execution 'kubernetes' needs apache-airflow-providers-cncf-kubernetes (pip install 'mnnpipe[k8s]'); "
-                "use execution='in_process' to run the step in the worker"
-            )
+            raise SpecError(KUBERNETES_EXTRA_MISSING)
         self.spec = spec_dict(self.step, spec)
         self.execution = execution
         self.use_cache = use_cache
-        self.image = image or default_image()
+        self.image = resolve_image(image)
         self.namespace = namespace
         self.container_resources = _check_resources(DEFAULT_RESOURCES if container_resources is None else container_resources)
         self.env_vars = _check_env(env_vars or {})
@@ -233,7 +283,8 @@ class MnnStepOperator(BaseOperator):
             if self.execution == "in_process":
                 from ..runner import run_step
 
-                result = run_step(self.step, spec, use_cache=self.use_cache, quiet=True)
+                with heartbeat(self.log, self.step):
+                    result = run_step(self.step, spec, use_cache=self.use_cache, quiet=True)
             else:
                 raw = self.build_pod_operator(spec).execute(context)
                 result = step_module(self.step).Result.model_validate(raw)
@@ -241,6 +292,7 @@ class MnnStepOperator(BaseOperator):
             # A wrong spec or a missing input stays wrong on every retry.
             raise AirflowFailException(f"{self.step}: {e}") from e
         self.log.info("%s published %d artifact(s) to %s (cached: %s)", self.step, len(result.artifacts), result.output, result.cached)
+        self.log.info("%s", summary_line(self.step, result))  # last line of the task log: what an operator reads first
         return result.model_dump(mode="json")
 
     # ------------------------------------------------------------------ kubernetes
@@ -250,37 +302,33 @@ class MnnStepOperator(BaseOperator):
         return step_command(self.step, spec.model_dump_json(), result_path=POD_RESULT_PATH, use_cache=self.use_cache)
 
     def build_pod_operator(self, spec: StepSpec | None = None):
-        """The KubernetesPodOperator that runs this step in the step image (not added to any DAG).
+        """The pod operator that runs this step in the step image (not added to any DAG), with the
+        same pod as `mnnpipe.airflow.pod` renders (restricted security, pinned sidecar, deadline).
 
         Its pod can be rendered without a cluster: `.build_pod_request_obj(context=None)`.
-        It runs synchronously inside this task (not deferrable): the pod operator is created per
-        execution, so the switch stays one argument rather than two operator classes.
+        It runs synchronously inside this task and holds a worker slot for the pod's lifetime; the
+        bundled DAGs use the deferrable `mnnpipe.airflow.pod.pod_operator_class(step)` instead.
         """
-        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-        from kubernetes.client import models as k8s
+        from .pod import pod_operator_class
 
         spec = spec if spec is not None else self.validated_spec()
-        command = self.pod_command(spec)
-        return KubernetesPodOperator(
+        kwargs = dict(self.kubernetes_kwargs)
+        op = pod_operator_class(self.step)(
             task_id=self.task_id,
-            name=f"mnnpipe-{self.step}",
-            namespace=self.namespace,
+            spec=spec,
+            use_cache=self.use_cache,
             image=self.image,
-            cmds=command[:1],
-            arguments=command[1:],
-            env_vars=[k8s.V1EnvVar(name=k, value=v) for k, v in sorted(self.env_vars.items())],
-            env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=s)) for s in self.secret_env_from],
-            container_resources=k8s.V1ResourceRequirements(**self.container_resources),
-            # The image already runs as uid 10001; say so, and forbid escalation.
-            container_security_context=k8s.V1SecurityContext(run_as_non_root=True, allow_privilege_escalation=False),
-            labels={"app.kubernetes.io/name": "mnnpipe", "mnnpipe.step": self.step},
-            do_xcom_push=True,
-            get_logs=True,
-            on_finish_action="delete_pod",
+            namespace=self.namespace,
+            env_vars=self.env_vars,
+            secret_env_from=self.secret_env_from,
+            container_resources=self.container_resources,
+            deferrable=False,
             # Executed from this operator's execute(): Airflow 3.3 allows it and logs a warning.
             allow_nested_operators=True,
-            **self.kubernetes_kwargs,
+            **kwargs,
         )
+        op.prepare()
+        return op
 
 
 # ---------------------------------------------------------------------- one class per step

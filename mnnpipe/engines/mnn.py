@@ -45,7 +45,6 @@ __all__ = [
 _WORKER = Path(__file__).with_name("_mnn_worker.py")
 _TAIL_LINES = 4  # log lines quoted in a ToolError message
 _RETURN_LINES = 20  # log lines returned to the caller on success
-_CONV_TYPES = {"Convolution", "ConvolutionDepthwise", "Deconvolution", "DeconvolutionDepthwise"}
 _PRECISIONS = {"normal", "high", "low"}
 
 
@@ -96,12 +95,20 @@ def _run_tool(tool: str, args: Sequence[str], *, output: Path, timeout_s: float)
     Raises ToolError on a timeout, a nonzero exit, a crash, or when ``output`` is missing or empty
     afterwards (the tools report success even when they wrote nothing).
     """
+    from mnnpipe.engines.runtimes import check_confine_policy
+
+    check_confine_policy()
     output.unlink(missing_ok=True)  # a stale file must not pass for this run's output
-    with tempfile.TemporaryFile(mode="w+b") as log:
+    # A private cwd per call: the converter writes `.__convert_external_data.bin` into its cwd
+    # under that fixed name, so two tools sharing a cwd publish each other's weights. Every path
+    # in `args` must therefore be absolute (the callers resolve them).
+    with tempfile.TemporaryFile(mode="w+b") as log, tempfile.TemporaryDirectory(prefix=f"{tool}-cwd-") as cwd:
         cmd = [sys.executable, str(_WORKER), tool, *args]
+        # the tool parses untrusted files in C++: it may write only its cwd and its output's folder
+        env = {**os.environ, "MNNPIPE_TOOL_WRITABLE": os.pathsep.join([cwd, str(output.absolute().parent)])}
         try:
             proc = subprocess.run(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=cwd, env=env
             )
             reason: str | None = None
             if proc.returncode < 0:
@@ -156,7 +163,7 @@ def convert_onnx_to_mnn(
     asymmetric quantization. Raises InputError for a missing or unreadable ONNX file and
     ToolError when the converter fails.
     """
-    src, dst = Path(onnx_path), Path(mnn_path)
+    src, dst = Path(onnx_path).absolute(), Path(mnn_path).absolute()  # the tool runs in its own cwd
     if not src.is_file():
         raise InputError(f"ONNX model not found: {src}")
     if fp16 and weight_quant_bits:
@@ -186,6 +193,44 @@ def convert_onnx_to_mnn(
     return "\n".join(lines[-_RETURN_LINES:])
 
 
+# Op types MNN 3.6.1's quantizer crashes on (SIGSEGV), measured on tiny models (see
+# benchmarks/results/mnn-int8-findings.md): (op type, calibration methods it crashes under,
+# what to do). skip_quant_op_names does NOT avoid any of them (measured: the crash happens while
+# the quantizer runs the float model, before it looks at the skip list).
+_QUANTIZER_CRASHES = (
+    ("LRN", ("KL",), "use activation_method EMA"),
+    ("Reduction[MEAN]", ("KL",), "use activation_method EMA, or nn.AdaptiveAvgPool2d(1) instead of x.mean()"),
+    (
+        "If",
+        ("KL", "EMA"),
+        "no calibration method avoided it (measured with KL and EMA): remove the data-dependent branch "
+        "(torch's nn.LocalResponseNorm exports one for its 5-D pad; ONNX's own LRN op quantizes under EMA), "
+        "or use mode weight-only",
+    ),
+)
+
+
+def quantizer_blockers(mnn_path: str | os.PathLike[str], method: str) -> list[str]:
+    """Why MNN's quantizer would crash on this model with ``method`` (KL/EMA/ADMM): one sentence per
+    op type present that is known to crash it, naming the op, a layer and what to do. Empty when
+    none is known. Reads only the model's op list (``mnn_file.read_ops``)."""
+    from .mnn_file import read_ops
+
+    ops = read_ops(mnn_path)
+    problems = []
+    for kind, methods, advice in _QUANTIZER_CRASHES:
+        if method not in methods:
+            continue
+        hits = [op.name for op in ops if op.type == kind or f"{op.type}[{op.reduction}]" == kind]
+        if hits:
+            shown = kind.replace("Reduction[MEAN]", "ReduceMean")
+            problems.append(
+                f"the model has {len(hits)} {shown} op(s) (first: '{hits[0]}'), which crash MNN 3.6.1's quantizer "
+                f"under {method} calibration: {advice}"
+            )
+    return problems
+
+
 def quantize_int8(
     src_mnn: str | os.PathLike[str],
     dst_mnn: str | os.PathLike[str],
@@ -204,10 +249,17 @@ def quantize_int8(
     ``<dst>.json`` with the scales it chose. Raises InputError
     when the model or the calibration folder is missing, ToolError when the tool fails.
     """
-    src, dst = Path(src_mnn), Path(dst_mnn)
+    src, dst = Path(src_mnn).absolute(), Path(dst_mnn).absolute()  # the tool runs in its own cwd
     if not src.is_file():
         raise InputError(f"MNN model not found: {src}")
     config = dict(config)
+    method = str(config.get("feature_quantize_method", "KL"))
+    try:
+        blockers = quantizer_blockers(src, method)
+    except ValueError as exc:  # mnn_file.MnnFileError: not a .mnn flatbuffer
+        raise InputError(f"not a loadable MNN model: {src} ({exc})") from None
+    if blockers:
+        raise InputError(f"{src.name}: {'; '.join(blockers)}")
     if "path" in config:
         calib = Path(config["path"])
         if not calib.is_dir():
@@ -220,10 +272,11 @@ def quantize_int8(
         try:
             lines = _run_tool("mnnquant", [str(src), str(dst), str(cfg_path)], output=dst, timeout_s=timeout_s)
         except ToolError as exc:
-            if "SIGSEGV" in str(exc) and config.get("feature_quantize_method", "KL") == "KL":
+            if "SIGSEGV" in str(exc) and method == "KL":
                 raise ToolError(
-                    f"{exc} (known MNN 3.6.1 bug: KL calibration crashes on models with ReduceMean;"
-                    " use EMA or AdaptiveAvgPool2d)"
+                    f"{exc} (MNN 3.6.1's KL calibration crashes on some op types, e.g. ReduceMean, LRN"
+                    ", 3-D average pooling over channels, and activations holding -inf such as an attention mask's"
+                    " masked_fill; try activation_method EMA)"
                 ) from exc
             raise
     return "\n".join(lines if config.get("debug") else lines[-_RETURN_LINES:])
@@ -336,40 +389,22 @@ def load_session(
     )
 
 
-def _op_label(op: dict[str, Any]) -> str:
-    """The op type, with convolutions marked by how their weights/activations are stored."""
-    kind = op.get("type", "?")
-    main = op.get("main") or {}
-    quant = main.get("quanParameter") if isinstance(main, dict) else None
-    if kind not in _CONV_TYPES or not quant:
-        return kind
-    if main.get("symmetricQuan") or quant.get("scaleIn"):
-        return f"{kind}[int8]"  # int8 weights AND int8 activations (full int8 PTQ)
-    if quant.get("type") == 3:
-        return f"{kind}[fp16-weights]"
-    return f"{kind}[int{quant.get('aMaxOrBits', 8)}-weights]"  # weight-only quant, float compute
-
-
 def op_types(mnn_path: str | os.PathLike[str], *, timeout_s: float = 600) -> dict[str, int]:
     """Count the op types in a .mnn model, e.g. ``{"Convolution[int8]": 4, "Pooling": 1, ...}``.
 
     MNN's in-process loader (``MNN.expr.load_as_list``) shows every conv as plain "Convolution",
-    so this dumps the model to JSON with the converter (in a child process) and reads each op's
-    quantization parameters. Convolutions are labelled ``[int8]`` (full int8),
-    ``[intN-weights]`` (weight-only quant) or ``[fp16-weights]``. The dump holds every weight as
-    JSON text, so it is slow for large models. Raises InputError for a missing/unloadable file.
+    so this reads each op's type and quantization tables from the file's flatbuffer
+    (``mnn_file.read_ops``; no weights are read). Convolutions are labelled ``[int8]`` (full int8),
+    ``[intN-weights]`` (weight-only quant) or ``[fp16-weights]``. ``timeout_s`` is unused (kept for
+    callers of the former converter-dump version). Raises InputError for a missing/unreadable file.
     """
-    import_mnn()
-    import MNN.expr as F
+    from .mnn_file import MnnFileError, read_ops
 
     p = Path(mnn_path)
     if not p.is_file():
         raise InputError(f"MNN model not found: {p}")
-    if not F.load_as_list(str(p)):  # the JSON dump segfaults on a corrupt file; check first
-        raise InputError(f"not a loadable MNN model: {p}")
-    with tempfile.TemporaryDirectory(prefix="mnndump-") as tmp:
-        dump = Path(tmp) / "model.json"
-        args = ["-f", "MNN", "--modelFile", str(p), "--JsonFile", str(dump)]
-        _run_tool("mnnconvert", args, output=dump, timeout_s=timeout_s)
-        net = json.loads(dump.read_text())
-    return dict(collections.Counter(_op_label(op) for op in net.get("oplists", [])))
+    try:
+        ops = read_ops(p)
+    except MnnFileError as exc:
+        raise InputError(f"not a loadable MNN model: {p} ({exc})") from None
+    return dict(collections.Counter(op.label for op in ops))

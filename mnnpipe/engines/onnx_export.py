@@ -7,6 +7,10 @@ then silently left at 18), and it prints pages of warnings. A torch.export `.pt2
 go through the TorchScript exporter directly ("Calling train() is not supported"), so its
 `.module()` is traced first: one exporter for every torch format, and the requested opset is
 what the file gets.
+
+`nn.MultiheadAttention` / `nn.TransformerEncoderLayer` in eval mode take PyTorch's "fast path"
+(`aten::_native_multi_head_attention`, `aten::_transformer_encoder_layer_fwd`), which no ONNX
+exporter knows: the fast path is switched off for the export (plain MatMul/Softmax ops come out).
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def export_onnx(
     dynamic_axes = {n: {0: "batch"} for n in [*input_names, *names_out]} if dynamic_batch else None
     log = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(log), torch.no_grad():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log), torch.no_grad(), _without_mha_fastpath():
             warnings.simplefilter("ignore")  # TracerWarnings and the "legacy exporter" notice
             if _is_exported_program_module(model):
                 model = torch.jit.trace(model, example, check_trace=False)
@@ -88,5 +92,27 @@ def export_onnx(
     except Exception as exc:  # the exporter raises many types (UnsupportedOperatorError, RuntimeError...)
         path.unlink(missing_ok=True)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ToolError(f"torch.onnx.export failed ({type(exc).__name__}: {first})") from exc
+        raise ToolError(f"torch.onnx.export failed ({type(exc).__name__}: {first}){_remedy(str(exc), model)}") from exc
     return names_out
+
+
+@contextlib.contextmanager
+def _without_mha_fastpath():
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def _remedy(message: str, model: nn.Module) -> str:
+    """What the user can do about an export failure we know (empty when we know none)."""
+    if "_native_multi_head_attention" in message or "_transformer_encoder_layer_fwd" in message:
+        return (
+            "; PyTorch's attention fast path is baked into this traced model: trace it under "
+            "torch.backends.mha.set_fastpath_enabled(False), or convert a state-dict + factory"
+        )
+    if "unknown rank" in message and isinstance(model, torch.jit.ScriptModule):
+        return "; a traced or TorchScript model carries no shapes for the exporter: convert a state-dict + factory or an ONNX file instead"
+    return ""

@@ -4,8 +4,10 @@
     outputs = runner.run([x])                          # list of numpy arrays, one per output
     latency = time_runner(runner, [x], warmup=10, iterations=30)
 
-`measure_isolated` does the same in a fresh child process (`python -m mnnpipe.engines.runtimes`)
-so that memory can be measured honestly and a native crash cannot take the caller down.
+`measure_isolated` / `MeasureServer` do the same in a process of its own per model, forked from
+one server process that imports each runtime once (`python -m mnnpipe.engines.runtimes`), so
+that memory can be measured honestly, a native crash cannot take the caller down, and the model
+runs confined (mnnpipe.sandbox: no writes outside its result folder, no sockets).
 
 Peak memory, the method: Python's tracemalloc cannot see what torch, ONNX Runtime or MNN
 allocate in C++, so the child asks the kernel. After importing the one runtime it needs and
@@ -164,6 +166,10 @@ def open_model(
         raise InputError(f"{ref.uri}: model file not found")
     if ref.format == "mnn":
         return MnnRunner(path, threads, precision)
+    if ref.format == "openvino":
+        from .peers import OpenVinoRunner
+
+        return OpenVinoRunner(path, threads)
     if ref.format == "onnx":
         try:
             return OnnxRunner(path, threads)
@@ -254,23 +260,70 @@ def measure_isolated(
     input_names: Sequence[str] | None = None,
     timeout_s: float = 1800,
 ) -> Measurement:
-    """Time `ref` in a fresh process for each (threads, batch) in `settings`; measure peak RSS.
+    """Time `ref` in a fresh, confined process for each (threads, batch) in `settings`; measure peak RSS.
 
     `timing_inputs[batch]` are the input arrays for that batch size. `eval_inputs` (one array per
     model input, first axis = samples) are run one sample at a time after the timing, with the
     first setting's thread count, and their first output comes back stacked (for accuracy or
     fidelity); running them after the peak RSS is read keeps them out of the memory figure.
     Raises the child's InputError/ToolError as the same class; a crash becomes ToolError.
+    Several models: use one MeasureServer, which imports each runtime once for all of them.
     """
-    with tempfile.TemporaryDirectory(prefix="mnnpipe-measure-") as tmp:
-        tmpdir = Path(tmp)
+    server = MeasureServer(
+        settings=settings,
+        timing_inputs=timing_inputs,
+        eval_inputs=eval_inputs,
+        precision=precision,
+        warmup=warmup,
+        iterations=iterations,
+        input_names=input_names,
+        timeout_s=timeout_s,
+    )
+    try:
+        return server.measure(ref, path)
+    finally:
+        server.close()
+
+
+_warned_confinement = False
+
+
+class MeasureServer:
+    """A fork server for isolated measurements (`python -m mnnpipe.engines.runtimes`).
+
+    One child process reads the inputs once and imports each runtime once, when the first model
+    that needs it arrives; for every model it then forks a fresh process that confines itself
+    (mnnpipe.sandbox: writes only in its own result folder, no sockets), loads, times and
+    evaluates the model, and exits. A fork costs milliseconds where a fresh interpreter re-imports
+    torch/MNN/ONNX Runtime for seconds, and each model still gets a process of its own (its
+    memory measured alone, a crash contained). Close it (or let it be garbage-collected).
+    """
+
+    command = [sys.executable, "-m", "mnnpipe.engines.runtimes"]  # tests swap it to reach the server's internals
+
+    def __init__(
+        self,
+        *,
+        settings: Sequence[tuple[int, int]],
+        timing_inputs: dict[int, list[np.ndarray]],
+        eval_inputs: list[np.ndarray] | None = None,
+        precision: str = "normal",
+        warmup: int = 5,
+        iterations: int = 30,
+        input_names: Sequence[str] | None = None,
+        timeout_s: float = 1800,
+    ) -> None:
+        import weakref
+
+        check_confine_policy()
+        self._tmp = tempfile.TemporaryDirectory(prefix="mnnpipe-measure-")
+        self.root = Path(self._tmp.name)
         arrays = {f"b{b}_{i}": a for b, xs in timing_inputs.items() for i, a in enumerate(xs)}
         if eval_inputs is not None:
             arrays.update({f"eval_{i}": a for i, a in enumerate(eval_inputs)})
-        np.savez(tmpdir / "inputs.npz", **arrays)
+        np.savez(self.root / "inputs.npz", **arrays)
+        self.timeout_s = timeout_s
         job = {
-            "ref": ref.model_dump(mode="json"),
-            "path": str(path),
             "settings": [list(s) for s in settings],
             "n_inputs": len(next(iter(timing_inputs.values()))),
             "has_eval": eval_inputs is not None,
@@ -278,26 +331,63 @@ def measure_isolated(
             "warmup": warmup,
             "iterations": iterations,
             "input_names": list(input_names) if input_names else None,
-            "inputs": str(tmpdir / "inputs.npz"),
-            "result": str(tmpdir / "result.json"),
-            "eval_out": str(tmpdir / "eval.npy"),
+            "inputs": str(self.root / "inputs.npz"),
+            "timeout_s": timeout_s,
         }
-        (tmpdir / "job.json").write_text(json.dumps(job))
+        (self.root / "job.json").write_text(json.dumps(job))
         env = {**os.environ, "OMP_NUM_THREADS": str(max(t for t, _ in settings))}
-        cmd = [sys.executable, "-m", "mnnpipe.engines.runtimes", str(tmpdir / "job.json")]
+        self._log = tempfile.TemporaryFile()
+        reply_r, reply_w = os.pipe()  # a channel the forked, untrusted processes do not hold
         try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s, env=env)
-        except subprocess.TimeoutExpired:
-            raise ToolError(f"measuring {ref.uri} timed out after {timeout_s:g} s") from None
-        result_path = tmpdir / "result.json"
+            self._proc = subprocess.Popen(
+                [*self.command, str(self.root / "job.json"), str(reply_w)],
+                stdin=subprocess.PIPE,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=(reply_w,),
+            )
+        finally:
+            os.close(reply_w)
+        self._replies = os.fdopen(reply_r, "rb")
+        self._count = 0
+        self._finalizer = weakref.finalize(self, _shutdown, self._proc, self._replies, self._log, self._tmp)
+
+    def _log_tail(self) -> str:
+        self._log.seek(0)
+        lines = [ln for ln in self._log.read().decode(errors="replace").splitlines() if ln.strip()]
+        return " | ".join(lines[-_TAIL:]) or "no log output"
+
+    def measure(self, ref: ModelRef, path: Path) -> Measurement:
+        import select
+
+        self._count += 1
+        out = self.root / f"model-{self._count}"
+        out.mkdir()
+        request = {"ref": ref.model_dump(mode="json"), "path": str(Path(path).absolute()), "out": str(out)}
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.write((json.dumps(request) + "\n").encode())
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise ToolError(f"measuring {ref.uri} failed: the measuring process exited ({self._log_tail()})") from None
+        # the server kills a model's process at timeout_s; the slack covers importing a runtime
+        ready, _, _ = select.select([self._replies], [], [], self.timeout_s + 300)
+        line = self._replies.readline() if ready else b""
+        if not line:
+            self.close()
+            raise ToolError(f"measuring {ref.uri} failed: no answer from the measuring process ({self._log_tail()})")
+        reply = json.loads(line)
+        result_path = out / "result.json"
+        if reply["status"] == "timeout":
+            raise ToolError(f"measuring {ref.uri} timed out after {self.timeout_s:g} s")
         if not result_path.is_file():
-            lines = [ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
-            tail = " | ".join(lines[-_TAIL:]) or "no log output"
-            raise ToolError(f"measuring {ref.uri} failed (exit status {proc.returncode}): {tail}")
+            raise ToolError(f"measuring {ref.uri} failed ({reply['status']}): {self._log_tail()}")
         data = json.loads(result_path.read_text())
         if "error" in data:
             cls = {"InputError": InputError, "SpecError": SpecError, "StepFailed": StepFailed}.get(data["error"]["type"], ToolError)
             raise cls(data["error"]["message"])
+        warn_if_unconfined(data.get("confinement", {}))
         m = Measurement(
             latency={k: Latency(**v) for k, v in data["latency"].items()},
             baseline_rss_bytes=data["baseline_rss_bytes"],
@@ -305,9 +395,51 @@ def measure_isolated(
             input_names=data["input_names"],
             output_names=data["output_names"],
         )
-        if eval_inputs is not None:
-            m.eval_outputs = list(np.load(tmpdir / "eval.npy"))
+        if (out / "eval.npy").is_file():
+            m.eval_outputs = list(np.load(out / "eval.npy"))
         return m
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> MeasureServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _shutdown(proc: subprocess.Popen, replies: Any, log: Any, tmp: tempfile.TemporaryDirectory) -> None:
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()  # end of requests: the server exits
+        proc.wait(timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait()
+    replies.close()
+    log.close()
+    tmp.cleanup()
+
+
+def check_confine_policy() -> None:
+    """An invalid MNNPIPE_CONFINE is a configuration error (exit 2), found before any child starts."""
+    from mnnpipe import sandbox
+
+    try:
+        sandbox.policy()
+    except sandbox.ConfinementError as exc:
+        raise SpecError(str(exc)) from None
+
+
+def warn_if_unconfined(confinement: dict[str, Any]) -> None:
+    global _warned_confinement
+    if confinement.get("complete") or _warned_confinement:
+        return
+    import logging
+
+    _warned_confinement = True
+    logging.getLogger("mnnpipe.sandbox").warning("untrusted models run only partly confined here: %s", confinement.get("describe", "unknown"))
 
 
 def _status_kib(field_name: str) -> int | None:
@@ -345,32 +477,142 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _child(job_path: str) -> int:
+def _import_runtime(fmt: str) -> None:
+    """Import the runtime a model format needs (before the baseline, so it is not counted)."""
+    if fmt == "mnn":
+        from .mnn import import_mnn
+
+        import_mnn()
+    elif fmt == "onnx":
+        import onnxruntime  # noqa: F401
+    elif fmt == "openvino":
+        import openvino  # noqa: F401
+    else:
+        import torch  # noqa: F401
+
+        import mnnpipe.modelio  # noqa: F401
+
+
+def _serve(job_path: str, reply_fd: int) -> int:
+    """The fork server: one request line per model on stdin, one reply line on `reply_fd`."""
     job = json.loads(Path(job_path).read_text())
-    result_path = Path(job["result"])
+    with np.load(job["inputs"]) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    replies = os.fdopen(reply_fd, "w")
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            _import_runtime(request["ref"].get("format") or "")
+        except ImportError:
+            pass  # the forked process fails the same way and reports it
+        mapped = _mapped_file_pages()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the model's own process: never returns
+            code = 1
+            try:
+                os.close(reply_fd)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                _map_again(mapped)
+                code = _measure_one(job, arrays, request)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        replies.write(json.dumps({"status": _wait(pid, job["timeout_s"])}) + "\n")
+        replies.flush()
+    return 0
+
+
+def _mapped_file_pages() -> list[tuple[int, int]]:
+    """(address, length) of the file-backed pages this process has mapped (its runtimes' code).
+
+    fork copies no page-table entries of file mappings, so a forked process would fault the
+    runtime's libraries in again while it runs the model, and they would count as the model's
+    memory; `_map_again` restores them before the baseline (a few ms). Read from /proc/self/pagemap
+    (bit 63: present); empty where it is not readable.
+    """
+    page = os.sysconf("SC_PAGE_SIZE")
+    ranges: list[tuple[int, int]] = []
     try:
-        ref = ModelRef.model_validate(job["ref"])
-        # Import the one runtime this model needs before the baseline, so it is not counted.
-        if ref.format == "mnn":
-            from .mnn import import_mnn
+        with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pagemap:
+            for line in maps:
+                parts = line.split()
+                if len(parts) < 6 or not parts[5].startswith("/") or "r" not in parts[1]:
+                    continue
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                pagemap.seek(lo // page * 8)
+                present = (np.frombuffer(pagemap.read((hi - lo) // page * 8), dtype=np.uint64) >> np.uint64(63)).astype(np.int8)
+                edges = np.flatnonzero(np.diff(np.concatenate(([0], present, [0]))))
+                ranges += [(lo + int(a) * page, int(b - a) * page) for a, b in zip(edges[::2], edges[1::2])]
+    except (OSError, ValueError):
+        return []
+    return ranges
 
-            import_mnn()
-        elif ref.format == "onnx":
-            import onnxruntime  # noqa: F401
-        else:
-            import torch  # noqa: F401
 
-            import mnnpipe.modelio  # noqa: F401
-        with np.load(job["inputs"]) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        baseline = _reset_peak_rss()
+def _map_again(ranges: list[tuple[int, int]]) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for address, length in ranges:
+        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), 22)  # MADV_POPULATE_READ (Linux 5.14+)
+
+
+def _wait(pid: int, timeout_s: float) -> str:
+    """'ok', 'exit status N', 'crashed with SIG...' or 'timeout' (then the process is killed)."""
+    import select
+    import signal
+
+    try:
+        pidfd = os.pidfd_open(pid)
+        ready, _, _ = select.select([pidfd], [], [], timeout_s)
+        os.close(pidfd)
+        timed_out = not ready
+    except (AttributeError, OSError):  # no pidfd (not Linux): poll
+        deadline = time.monotonic() + timeout_s
+        while os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        timed_out = time.monotonic() >= deadline
+    if timed_out:
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    if timed_out:
+        return "timeout"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return f"crashed with {signal.Signals(sig).name}"
+        except ValueError:
+            return f"crashed with signal {sig}"
+    code = os.WEXITSTATUS(status)
+    return "ok" if code == 0 else f"exit status {code}"
+
+
+def _measure_one(job: dict[str, Any], arrays: dict[str, np.ndarray], request: dict[str, Any]) -> int:
+    from mnnpipe import sandbox
+
+    out = Path(request["out"])
+    try:
+        ref = ModelRef.model_validate(request["ref"])
+        _import_runtime(ref.format)
+        baseline = _reset_peak_rss()  # before confining: the reset writes /proc/self/clear_refs
+        try:
+            confinement = sandbox.confine([out])
+        except sandbox.ConfinementError as exc:
+            raise ToolError(str(exc)) from None
         settings = [tuple(s) for s in job["settings"]]
         latency: dict[str, Any] = {}
         runner = None
         runner_threads = None
         for threads, batch in settings:
             if runner is None or threads != runner_threads:
-                runner = open_model(ref, Path(job["path"]), threads=threads, precision=job["precision"], input_names=job["input_names"])
+                runner = open_model(ref, Path(request["path"]), threads=threads, precision=job["precision"], input_names=job["input_names"])
                 runner_threads = threads
             xs = [arrays[f"b{batch}_{i}"] for i in range(job["n_inputs"])]
             latency[setting_key(threads, batch)] = asdict(time_runner(runner, xs, warmup=job["warmup"], iterations=job["iterations"]))
@@ -378,22 +620,23 @@ def _child(job_path: str) -> int:
         assert runner is not None
         if job["has_eval"]:
             if runner_threads != settings[0][0]:
-                runner = open_model(ref, Path(job["path"]), threads=settings[0][0], precision=job["precision"], input_names=job["input_names"])
+                runner = open_model(ref, Path(request["path"]), threads=settings[0][0], precision=job["precision"], input_names=job["input_names"])
             evals = [arrays[f"eval_{i}"] for i in range(job["n_inputs"])]
             outs = [runner.run([e[j : j + 1] for e in evals])[0][0] for j in range(len(evals[0]))]
-            np.save(job["eval_out"], np.stack(outs))
+            np.save(out / "eval.npy", np.stack(outs))
         result = {
             "latency": latency,
             "baseline_rss_bytes": baseline,
             "peak_rss_bytes": peak,
             "input_names": list(runner.input_names),
             "output_names": list(runner.output_names),
+            "confinement": {"complete": confinement.complete, "describe": confinement.describe()},
         }
     except MnnpipeError as exc:
         result = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-    result_path.write_text(json.dumps(result))
+    (out / "result.json").write_text(json.dumps(result))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1]))
+    sys.exit(_serve(sys.argv[1], int(sys.argv[2])))

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-from ..container import DEFAULT_IMAGE
+from ..container import image_note, resolve_image
 from .gate import CANDIDATE, CANDIDATE_METRICS, GATE, REFERENCE_METRICS, GateSpec
-from .interface import ENVELOPE_FIELDS, OUTPUT_METRICS, OUTPUT_MODEL, OUTPUT_REPORT, StepInterface, step_interface
+from .interface import ENVELOPE_FIELDS, OUTPUT_METRICS, OUTPUT_MODEL, OUTPUT_REPORT, StepInterface, setting_fields, step_interface
 
 Form = Literal["container", "lightweight"]
 
@@ -34,6 +34,10 @@ class ComponentInterface:
     metrics_inputs: tuple[str, ...]
     dataset_inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    #: per-item Model inputs of a model list: (input name, list field, item index)
+    item_inputs: tuple[tuple[str, str, int], ...] = ()
+    #: typed parameters beside `spec`: (spec field, KFP type)
+    settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def uri_inputs(self) -> tuple[str, ...]:
@@ -65,6 +69,7 @@ def component_interface(name: str) -> ComponentInterface:
             metrics_inputs=(CANDIDATE_METRICS, REFERENCE_METRICS),
             dataset_inputs=(),
             outputs=(OUTPUT_MODEL, OUTPUT_METRICS, OUTPUT_REPORT),
+            settings=setting_fields(GateSpec),
         )
     iface: StepInterface = step_interface(name)
     outputs = ((OUTPUT_MODEL,) if iface.produces_model else ()) + (OUTPUT_METRICS, OUTPUT_REPORT)
@@ -76,6 +81,8 @@ def component_interface(name: str) -> ComponentInterface:
         metrics_inputs=(),
         dataset_inputs=iface.dataset_inputs,
         outputs=outputs,
+        item_inputs=tuple((name, field, index) for name, field, index, _ in iface.item_inputs),
+        settings=setting_fields(iface.spec_cls),
     )
 
 
@@ -92,23 +99,32 @@ def function_source(ci: ComponentInterface, form: Form, image: str) -> str:
     params = ["spec: str"]
     params += [f"{o}: Output[{_OUTPUT_TYPES[o]}]" for o in ci.outputs]
     params += [f"{f}: Input[Model] = None" for f in ci.model_inputs]
+    params += [f"{f}: Input[Model] = None" for f, _, _ in ci.item_inputs]
     params += [f"{f}: Input[Metrics] = None" for f in ci.metrics_inputs]
     params += [f"{f}: Input[Dataset] = None" for f in ci.dataset_inputs]
     params += [f'{f}_uri: str = ""' for f in ci.uri_inputs]
     params.append('output_uri: str = ""')
+    # kfp.local 2.17 casts every integer parameter with int(), an unset optional one (None)
+    # included, and fails: its lightweight twin takes integer settings as float (4 -> 4.0, which
+    # the spec's int field accepts back as 4). Clusters leave unset parameters out.
+    params += [f"{f}: {'float' if kind == 'int' and form == 'lightweight' else kind} = None" for f, kind in ci.settings]
     args = [
         f"spec: The {ci.name} spec as a JSON object, validated (pydantic) before anything runs; the URIs of connected "
         "inputs and `output` are filled in by the launcher. See the component description for its fields."
     ]
     args += [f"{o}: {_OUTPUT_DOCS[o]}" for o in ci.outputs]
     args += [f"{f}: Model for spec field `{f}` (its uri comes from the artifact)." for f in ci.model_inputs]
+    args += [f"{f}: Model for item {i} of spec field `{field}` (wire several models side by side)." for f, field, i in ci.item_inputs]
     args += [f"{f}: Metrics artifact whose values the gate reads." for f in ci.metrics_inputs]
     args += [f"{f}: Dataset for spec field `{f}` (its uri comes from the artifact)." for f in ci.dataset_inputs]
     args += [f"{f}_uri: URI for spec field `{f}` when no artifact is connected (e.g. a pipeline parameter)." for f in ci.uri_inputs]
     args.append("output_uri: Prefix (s3:// or path) the step publishes to; overrides the spec's `output`.")
+    args += [f"{f}: Sets spec field `{f}` (overrides the JSON spec; unset keeps it)." for f, _ in ci.settings]
     doc = "\n".join(
         [
             f"mnnpipe {ci.name}: {ci.summary}",
+            "",
+            image_note(image),
             "",
             f"Spec fields (`mnnpipe schema {ci.name}` prints the JSON Schema):",
             "",
@@ -124,12 +140,13 @@ def function_source(ci: ComponentInterface, form: Form, image: str) -> str:
             f"args=[{ci.name!r}, '--executor-input', '{{{{$}}}}'])"
         )
     else:
-        artifacts = ", ".join(f"{f!r}: {f}" for f in ci.model_inputs + ci.metrics_inputs + ci.dataset_inputs)
+        artifacts = ", ".join(f"{f!r}: {f}" for f in ci.model_inputs + tuple(f for f, _, _ in ci.item_inputs) + ci.metrics_inputs + ci.dataset_inputs)
         uris = ", ".join(f"{f!r}: {f}_uri" for f in ci.uri_inputs)
         outputs = ", ".join(f"{o!r}: {o}" for o in ci.outputs)
+        settings = ", ".join(f"{f!r}: {f}" for f, _ in ci.settings)
         body = (
             "from mnnpipe.kfp.launcher import launch_lightweight\n"
-            f"launch_lightweight({ci.name!r}, spec, {{{artifacts}}}, {{{uris}}}, output_uri, {{{outputs}}})"
+            f"launch_lightweight({ci.name!r}, spec, {{{artifacts}}}, {{{uris}}}, output_uri, {{{outputs}}}, {{{settings}}})"
         )
     signature = ",\n".join(f"    {p}" for p in params)
     return f'def {ci.function_name}(\n{signature},\n):\n    """{doc}\n    """\n{textwrap.indent(body, "    ")}\n'
@@ -149,9 +166,16 @@ def _compile_function(source: str, name: str, key: str) -> Any:
     return namespace[name]
 
 
+def make_component(name: str, form: Form = "container", image: str | None = None) -> Any:
+    """The KFP component for a step (or 'gate'): container form for clusters, lightweight for kfp.local.
+
+    `image`: the step image; None takes $MNNPIPE_IMAGE, else the package's default tag.
+    """
+    return _make_component(name, form, resolve_image(image))
+
+
 @lru_cache(maxsize=None)
-def make_component(name: str, form: Form = "container", image: str = DEFAULT_IMAGE) -> Any:
-    """The KFP component for a step (or 'gate'): container form for clusters, lightweight for kfp.local."""
+def _make_component(name: str, form: Form, image: str) -> Any:
     from kfp import dsl
 
     ci = component_interface(name)
@@ -163,7 +187,7 @@ def make_component(name: str, form: Form = "container", image: str = DEFAULT_IMA
     return dsl.component(func, base_image=image, install_kfp_package=False)
 
 
-def component_yaml(name: str, image: str = DEFAULT_IMAGE) -> str:
+def component_yaml(name: str, image: str | None = None) -> str:
     """The reusable component.yaml text for a step's container component (deterministic)."""
     import tempfile
     from pathlib import Path
@@ -173,4 +197,107 @@ def component_yaml(name: str, image: str = DEFAULT_IMAGE) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "component.yaml"
         compiler.Compiler().compile(make_component(name, "container", image), str(path))
-        return path.read_text()
+        text = path.read_text()
+    # Caching off in the shipped file too (a component submitted on its own): kfp 2.17 wraps a
+    # component in a one-task pipeline with caching on and no switch, so write what it writes for off.
+    cached = "        cachingOptions:\n          enableCache: true\n"
+    if text.count(cached) != 1:
+        raise AssertionError(f"component.yaml of {name}: expected one cachingOptions block, kfp's layout changed")
+    return text.replace(cached, "        cachingOptions: {}\n")
+
+
+# --------------------------------------------------------------------------- the importable API
+#
+#     from mnnpipe.kfp import components
+#
+#     @dsl.pipeline
+#     def my_pipeline(model_uri: str):
+#         trained = my_training_component(...)
+#         converted = components.convert(spec=json.dumps({...}), model=trained.outputs["model"])
+#         components.use_s3(converted, secret_name="mnnpipe-s3", endpoint_url="http://minio:9000")
+#
+# One loader for cluster and local runs: under `kfp.local.init(runner=SubprocessRunner())` the
+# lightweight twin runs (kfp.local runs only those), otherwise the container component does.
+
+#: Requests, limits and retries every task gets unless the caller sets others afterwards.
+TASK_DEFAULTS: dict[str, Any] = {
+    "cpu_request": "1",
+    "cpu_limit": "2",
+    "memory_request": "2G",
+    "memory_limit": "4G",
+    "retries": 2,  # a store or node hiccup; a bad spec (exit 2) fails the same way each time
+    "retry_backoff": "60s",
+}
+
+
+def current_form() -> Form:
+    """'lightweight' inside a `kfp.local` session with the SubprocessRunner, else 'container'."""
+    try:
+        from kfp.local.config import LocalExecutionConfig, SubprocessRunner
+    except ImportError:
+        return "container"
+    instance = LocalExecutionConfig.instance
+    return "lightweight" if instance is not None and isinstance(instance.runner, SubprocessRunner) else "container"
+
+
+def with_task_defaults(task: Any) -> Any:
+    """Caching off (mnnpipe's own cache is keyed on content, KFP's on parameter strings), the
+    CPU/memory requests and limits and the retry policy of TASK_DEFAULTS. Returns `task`."""
+    d = TASK_DEFAULTS
+    task.set_caching_options(False)
+    task.set_cpu_request(d["cpu_request"]).set_cpu_limit(d["cpu_limit"])
+    task.set_memory_request(d["memory_request"]).set_memory_limit(d["memory_limit"])
+    task.set_retry(num_retries=d["retries"], backoff_duration=d["retry_backoff"], backoff_factor=2.0)
+    return task
+
+
+def load(name: str, image: str | None = None) -> Any:
+    """The component of step `name` in the form this run needs (see `current_form`)."""
+    return make_component(name, current_form(), image)
+
+
+def task(name: str, *, image: str | None = None, **inputs: Any) -> Any:
+    """A task of step `name` in the current pipeline, with TASK_DEFAULTS applied."""
+    form = current_form()
+    if form == "lightweight":  # integer settings are float parameters there (see function_source)
+        ints = {f for f, kind in component_interface(name).settings if kind == "int"}
+        inputs = {k: float(v) if k in ints and isinstance(v, int) and not isinstance(v, bool) else v for k, v in inputs.items()}
+    return with_task_defaults(make_component(name, form, image)(**inputs)).set_display_name(name)
+
+
+def use_s3(task: Any, *, secret_name: str | None = "mnnpipe-s3", endpoint_url: str = "", region: str = "") -> Any:
+    """Give `task` the step store's S3 settings: credentials from the Kubernetes Secret
+    `secret_name` (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; through kfp-kubernetes, so only
+    the name is in the pipeline), the endpoint and region as plain variables. `secret_name=None`
+    for IRSA / workload identity. Returns `task`."""
+    if secret_name:
+        from kfp import kubernetes
+
+        keys = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+        kubernetes.use_secret_as_env(task, secret_name=secret_name, secret_key_to_env=keys)
+    if endpoint_url:
+        task.set_env_variable("MNNPIPE_S3_ENDPOINT_URL", endpoint_url)
+    if region:
+        task.set_env_variable("AWS_DEFAULT_REGION", region)
+    return task
+
+
+def _step_function(name: str) -> Any:
+    def run(*, image: str | None = None, **inputs: Any) -> Any:
+        return task(name, image=image, **inputs)
+
+    ci = component_interface(name)
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = f"A `{name}` task ({ci.summary}) with TASK_DEFAULTS; inputs as in components/{name}/README.md."
+    return run
+
+
+def _public_names() -> list[str]:
+    from .recipe import pipeline_steps
+
+    return [*pipeline_steps(), GATE]
+
+
+# One function per component, made from the same list the generator writes component.yaml for.
+for _name in _public_names():
+    globals()[_name] = _step_function(_name)

@@ -25,6 +25,9 @@ OUTPUT_REPORT = "report"
 #: File extensions of model artifacts, best first: the step's primary output model is the
 #: published artifact with the first of these (an .mnn beats the .onnx it was converted from).
 MODEL_EXTENSIONS = (".mnn", ".pt", ".pt2", ".pth", ".onnx")
+#: How many items of a model list (benchmark's `models`) get an artifact input of their own,
+#: `<field>_item0` ... : enough to wire fp32 and int8 (and a source, a baseline) side by side.
+LIST_ITEM_INPUTS = 4
 
 
 def _contains(annotation: Any, cls: type) -> bool:
@@ -55,6 +58,12 @@ class StepInterface:
         return self.model_inputs + self.dataset_inputs
 
     @property
+    def item_inputs(self) -> tuple[tuple[str, str, int, str], ...]:
+        """(input name, list field, item index, the item's model field) for each per-item
+        Model artifact input, e.g. ('models_item1', 'models', 1, 'model')."""
+        return tuple((f"{field}_item{i}", field, i, sub) for field, sub in self.model_lists for i in range(LIST_ITEM_INPUTS))
+
+    @property
     def summary(self) -> str:
         doc = inspect.getdoc(self.spec_cls) or f"The {self.name} step."
         return doc.strip().split("\n\n")[0].replace("\n", " ")
@@ -80,6 +89,29 @@ def _model_list_item_field(annotation: Any) -> str | None:
         if _contains(info.annotation, ModelRef):
             return name
     return None
+
+
+_SCALARS = {int: "int", float: "float", bool: "bool", str: "str"}
+
+
+def _scalar_type(annotation: Any) -> str | None:
+    """The KFP parameter type of a scalar field (int, float, bool, str or a str Literal; Optional
+    of those), else None."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _scalar_type(args[0]) if len(args) == 1 else None
+    if origin is typing.Literal:
+        return "str" if all(isinstance(v, str) for v in typing.get_args(annotation)) else None
+    return _SCALARS.get(annotation)
+
+
+def setting_fields(spec_cls: type) -> tuple[tuple[str, str], ...]:
+    """(field, KFP type) of each top-level scalar field of a Spec: typed component parameters
+    beside the JSON `spec` (set one, and it overrides the spec's value)."""
+    return tuple(
+        (name, kind) for name, info in spec_cls.model_fields.items() if name not in ENVELOPE_FIELDS and (kind := _scalar_type(info.annotation))
+    )
 
 
 def step_interface(name: str) -> StepInterface:

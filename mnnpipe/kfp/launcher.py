@@ -31,6 +31,7 @@ from typing import Any, Callable
 from ..errors import SpecError
 from ..specs import StepResult
 from .interface import MODEL_EXTENSIONS, OUTPUT_METRICS, OUTPUT_MODEL, OUTPUT_REPORT
+from .latest import LATEST, resolve_into
 
 log = logging.getLogger("mnnpipe.kfp")
 
@@ -67,19 +68,30 @@ def bind_spec(
     uris: dict[str, str],
     output_uri: str = "",
     model_lists: tuple[tuple[str, str], ...] = (),
+    item_inputs: tuple[tuple[str, str, int, str], ...] = (),
 ) -> dict[str, Any]:
     """The spec dict with wired URIs filled in: an artifact wins over a `<field>_uri` parameter,
     which wins over the URI written in the spec. Other fields of a ref (format, factory,
-    preprocess...) come from the spec; a format recorded by the producer fills a missing one."""
+    preprocess...) come from the spec; a format recorded by the producer fills a missing one.
+    A per-item artifact (`models_item1`) sets that item's model; the list's own artifact then
+    fills every item still without a uri."""
     if isinstance(spec_json, str):
-        try:
-            data = json.loads(spec_json) if spec_json.strip() else {}
-        except ValueError as e:
-            raise SpecError(f"spec: not valid JSON ({e.msg} at position {e.pos})") from None
+        from ..cli import load_yaml
+
+        data = load_yaml(spec_json, "spec") if spec_json.strip() else {}  # within the CLI's size/depth limits
     else:
         data = dict(spec_json)
     if not isinstance(data, dict):
         raise SpecError(f"spec: expected a JSON object of spec fields, got {type(data).__name__}")
+    for name, field_name, index, sub in item_inputs:
+        artifact = artifacts.get(name)
+        if artifact is None:
+            continue
+        items = [dict(i) if isinstance(i, dict) else i for i in data.get(field_name) or []]
+        if index >= len(items) or not isinstance(items[index], dict):
+            raise SpecError(f"{name}: an artifact is connected for item {index} of spec.{field_name}, which has {len(items)} item(s)")
+        items[index][sub] = _with_uri(items[index].get(sub), input_uri(artifact), artifact.metadata.get("format"))
+        data[field_name] = items
     for name in ref_fields:
         artifact = artifacts.get(name)
         uri = input_uri(artifact) if artifact is not None else uris.get(name, "")
@@ -193,7 +205,13 @@ def launch(
         return result, write_outputs(step, result, output_paths)
     iface = step_interface(step)
     data = bind_spec(
-        spec_json, ref_fields=iface.ref_inputs, artifacts=artifacts, uris=uris, output_uri=output_uri, model_lists=iface.model_lists
+        spec_json,
+        ref_fields=iface.ref_inputs,
+        artifacts=artifacts,
+        uris=uris,
+        output_uri=output_uri,
+        model_lists=iface.model_lists,
+        item_inputs=iface.item_inputs,
     )
     spec = parse_spec(step, data)
     result = run_step(step, spec, use_cache=use_cache, quiet=True)
@@ -203,8 +221,36 @@ def launch(
 # --------------------------------------------------------------------------- lightweight (kfp.local)
 
 
-def launch_lightweight(step: str, spec: str, artifacts: dict[str, Any], uris: dict[str, str], output_uri: str, outputs: dict[str, Any]) -> str:
+def with_settings(spec_json: str | dict[str, Any], settings: dict[str, Any]) -> str | dict[str, Any]:
+    """The spec with the typed parameters that were set (not None) written over its fields."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    if not given:
+        return spec_json
+    if isinstance(spec_json, str):
+        from ..cli import load_yaml
+
+        data = load_yaml(spec_json, "spec") if spec_json.strip() else {}
+    else:
+        data = dict(spec_json)
+    if not isinstance(data, dict):
+        raise SpecError(f"spec: expected a JSON object of spec fields, got {type(data).__name__}")
+    return {**data, **given}
+
+
+def setting_names(step: str) -> set[str]:
+    from .gate import GATE, GateSpec
+    from .interface import setting_fields
+    from ..steps import step_module
+
+    spec_cls = GateSpec if step == GATE else step_module(step).Spec
+    return {name for name, _ in setting_fields(spec_cls)}
+
+
+def launch_lightweight(
+    step: str, spec: str, artifacts: dict[str, Any], uris: dict[str, str], output_uri: str, outputs: dict[str, Any], settings: dict[str, Any] | None = None
+) -> str:
     """Called by generated lightweight components with kfp's artifact objects; returns result JSON."""
+    spec = with_settings(spec, settings or {})
     refs = {
         name: ArtifactRef(uri=a.uri, path=a.path, metadata=dict(a.metadata or {})) if a is not None else None
         for name, a in artifacts.items()
@@ -234,13 +280,18 @@ def run_executor_input(step: str, executor_input: dict[str, Any], launch_fn: Cal
     inputs = executor_input.get("inputs", {})
     outputs = executor_input.get("outputs", {})
     params = inputs.get("parameterValues", {}) or {}
+    if step == LATEST:  # not a step: the scheduled pipeline's resolver writes three output parameters
+        paths = {name: entry["outputFile"] for name, entry in (outputs.get("parameters") or {}).items()}
+        values = resolve_into(str(params.get("model_registry", "")), paths)
+        return {"parameterValues": values}
     artifacts = {name: _artifact_from_executor(entry) for name, entry in (inputs.get("artifacts") or {}).items()}
     uris = {name[: -len("_uri")]: str(v) for name, v in params.items() if name.endswith("_uri") and name != "output_uri" and v}
     out_artifacts = {name: _artifact_from_executor(entry) for name, entry in (outputs.get("artifacts") or {}).items()}
     output_paths = {name: a.path for name, a in out_artifacts.items() if a is not None}
+    settings = {k: v for k, v in params.items() if k in setting_names(step)}  # KFP leaves unset ones out
     result, metadata = launch_fn(
         step,
-        params.get("spec", "{}"),
+        with_settings(params.get("spec", "{}"), settings),
         artifacts=artifacts,
         uris=uris,
         output_uri=str(params.get("output_uri", "")),
@@ -262,7 +313,7 @@ def run_executor_input(step: str, executor_input: dict[str, Any], launch_fn: Cal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("step", help="The step (or 'gate') to run.")
+    parser.add_argument("step", help=f"The step (or 'gate', or '{LATEST}') to run.")
     parser.add_argument("--executor-input", required=True, help="KFP's executor input JSON ('{{$}}').")
 
 

@@ -18,7 +18,7 @@ import inspect
 import json
 from typing import Any, Literal
 
-from ..container import DEFAULT_IMAGE
+from ..container import image_note, resolve_image
 from .gate import CANDIDATE, CANDIDATE_METRICS, REFERENCE_METRICS
 from .interface import OUTPUT_METRICS, OUTPUT_MODEL, step_interface
 from .recipe import parse_recipe, pipeline_steps, recipe_digest, section, wired_model_field, wired_value
@@ -41,31 +41,43 @@ def build_pipeline(
     recipe: Any,
     *,
     form: Literal["container", "lightweight"] = "container",
-    image: str = DEFAULT_IMAGE,
+    image: str | None = None,
     model_uri: str = "",
     model_name: str = "model",
     model_version: str = "1",
     store_prefix: str = DEFAULT_STORE_PREFIX,
     release_root: str = DEFAULT_RELEASE_ROOT,
     pipeline_root: str | None = None,
+    model_registry: str | None = None,
 ) -> Any:
     """The compress pipeline for `recipe` (validated first: SpecError names the bad field).
 
     Keyword defaults become the pipeline parameters' defaults. `form="lightweight"` builds it from
-    lightweight components, for kfp.local (which cannot run container components).
+    lightweight components, for kfp.local (which cannot run container components). `image`: the
+    step image of every task; None takes $MNNPIPE_IMAGE, else the package's default tag.
+
+    `model_registry` (a prefix, for schedules): the pipeline takes a `model_registry` parameter
+    instead of model_uri/model_name/model_version and resolves the newest version under it when
+    each run starts (`latest.py`), so a recurring run always compresses the current model.
     """
     from kfp import dsl
 
-    from .components import make_component
+    from .components import make_component, with_task_defaults
+    from .latest import LATEST, make_latest_component
+    from .latest import OUTPUTS as LATEST_OUTPUTS
 
     recipe = parse_recipe(recipe, model_uri=model_uri)
     digest = recipe_digest(recipe)
+    image = resolve_image(image)
     steps = [s for s in pipeline_steps() if getattr(recipe, s) is not None]
     data_params = dataset_parameters(recipe)
-    defaults = {
+    model = {"model_registry": model_registry} if model_registry is not None else {
         "model_uri": model_uri,
         "model_name": model_name,
         "model_version": model_version,
+    }
+    defaults = {
+        **model,
         "store_prefix": store_prefix,
         "release_root": release_root,
         **{p: "" for p in data_params},
@@ -75,6 +87,9 @@ def build_pipeline(
 
     def compress(*args: Any) -> None:
         p = dict(zip(defaults, args))
+        if model_registry is not None:  # the newest version, resolved when the run starts
+            latest = with_task_defaults(make_latest_component(form, image)(model_registry=p["model_registry"])).set_display_name(LATEST)
+            p.update({name: latest.outputs[name] for name in LATEST_OUTPUTS})
         run_prefix = f"{p['store_prefix']}/{p['model_name']}/{p['model_version']}/{digest}"
         model_task = metrics_task = None
         for step in steps:
@@ -93,9 +108,9 @@ def build_pipeline(
             for field in iface.dataset_inputs:
                 kwargs[f"{field}_uri"] = p[f"{field}_uri"]
             task = make_component(step, form, image)(spec=json.dumps(spec, sort_keys=True), **kwargs)
-            # KFP's cache keys on parameter strings, not on the bytes behind model_uri: a new model at
-            # the same URI would be served stale. mnnpipe's own cache is keyed on content instead.
-            task.set_caching_options(False).set_display_name(step)
+            # Caching off: KFP's cache keys on parameter strings, not on the bytes behind model_uri (a
+            # new model at the same URI would be served stale); mnnpipe's own cache is keyed on content.
+            with_task_defaults(task).set_display_name(step)
             if iface.produces_model:
                 model_task = task
             metrics_task = task
@@ -106,7 +121,7 @@ def build_pipeline(
             # The model step's own metrics (e.g. quantize's fp32_accuracy) are the gate's reference.
             **({REFERENCE_METRICS: model_task.outputs[OUTPUT_METRICS]} if metrics_task is not model_task else {}),
         )
-        gate.set_caching_options(False).set_display_name("gate")
+        with_task_defaults(gate).set_display_name("gate")
 
     compress.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=str) for n, d in defaults.items()]
@@ -114,14 +129,19 @@ def build_pipeline(
     compress.__doc__ = (
         f"Compress a model for MNN: {' -> '.join([*steps, 'gate'])} (recipe {digest}).\n\n"
         "Args:\n"
-        "    model_uri: URI of the source model (s3://... or path).\n"
-        "    model_name: Model name; part of the output and release prefixes.\n"
-        "    model_version: Model version; part of the output and release prefixes.\n"
-        "    store_prefix: Step-store prefix the steps publish under (s3://bucket/prefix).\n"
+        + (
+            "    model_registry: Registry prefix; the newest {model_registry}/<version>/model.<ext> is compressed.\n"
+            if model_registry is not None
+            else "    model_uri: URI of the source model (s3://... or path).\n"
+            "    model_name: Model name; part of the output and release prefixes.\n"
+            "    model_version: Model version; part of the output and release prefixes.\n"
+        )
+        + "    store_prefix: Step-store prefix the steps publish under (s3://bucket/prefix).\n"
         "    release_root: Where the gate releases: <release_root>/<name>/<version>/<recipe digest>/.\n"
         + "".join(f"    {d}: URI of the dataset for spec field `{d[:-4]}` ('' keeps the recipe's).\n" for d in data_params)
     )
-    return dsl.pipeline(name=PIPELINE_NAME, description=compress.__doc__.split("\n")[0], pipeline_root=pipeline_root)(compress)
+    description = f"{compress.__doc__.split(chr(10))[0]} {image_note(image)}"
+    return dsl.pipeline(name=PIPELINE_NAME, description=description, pipeline_root=pipeline_root)(compress)
 
 
 def compile_pipeline(pipeline: Any, path: str) -> None:

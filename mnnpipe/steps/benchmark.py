@@ -1,6 +1,6 @@
 """benchmark: size, latency, peak memory and accuracy (or fidelity) of one or more models.
 
-Each model is measured in its own child process (engines.runtimes.measure_isolated): .mnn in
+Each model is measured in its own confined child process (engines.runtimes.MeasureServer): .mnn in
 MNN's runtime, .onnx in ONNX Runtime, TorchScript/.pt2/state-dict in torch eager, one thread
 setting at a time. Latency is wall-clock per call after warm-up (mean, p50, p90, p99 in ms).
 
@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import InputError
-from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, TensorSpec
+from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, TensorSpec, check_sample_memory, tensor_bytes
 from ..verify import Fidelity, compare
 
 METRICS_FILE = "metrics.json"
@@ -79,6 +80,21 @@ class Spec(StepSpec):
         32, ge=1, le=100000, description="Random inputs for the fidelity comparison when there is no dataset."
     )
     timeout_s: float = Field(1800, gt=0, le=86400, description="Time limit for measuring one model (seconds).")
+    peers: list[Literal["onnxruntime-int8-u8s8", "openvino-fp32", "openvino-int8"]] = Field(
+        default_factory=list,
+        description="Peer runtimes to build from an fp32 ONNX model among `models` and time beside it (engines/peers.py): "
+        "ONNX Runtime int8 with unsigned activations (the fast x86 setting), OpenVINO fp32 and int8 (NNCF; needs the "
+        "`peers` extra). Each is reported under its own name with its setting.",
+    )
+    peer_source: str | None = Field(
+        None, description="Label of the fp32 ONNX model the peers are built from; None: the first ONNX model in `models`."
+    )
+    peer_calibration: DatasetRef | None = Field(
+        None,
+        description="Samples the int8 peers are calibrated on (use the split MNN's quantizer was calibrated on). None: the "
+        "first `peer_calibration_samples` of `dataset` (the evaluation set, stated in the report), or random inputs.",
+    )
+    peer_calibration_samples: int = Field(32, ge=1, le=10000, description="At most this many calibration samples for int8 peers.")
 
     @field_validator("threads")
     @classmethod
@@ -102,10 +118,24 @@ class Spec(StepSpec):
             raise ValueError(f"models: labels must be unique, repeated: {dupes}")
         if self.reference is not None and self.reference not in labels:
             raise ValueError(f"reference '{self.reference}' is not one of the model labels {labels}")
+        if self.peers:
+            clash = sorted(set(self.peers) & set(labels))
+            if clash or len(set(self.peers)) != len(self.peers):
+                raise ValueError(f"peers: each peer once, and no model may be labelled like a peer: {clash or self.peers}")
+            onnx_labels = [m.label for m in self.models if m.model.format == "onnx"]
+            if self.peer_source is None and not onnx_labels:
+                raise ValueError("peers: need an fp32 ONNX model among `models` to build the peers from (e.g. convert's model.onnx)")
+            if self.peer_source is not None and self.peer_source not in onnx_labels:
+                raise ValueError(f"peer_source '{self.peer_source}' is not the label of an ONNX model; ONNX models: {onnx_labels}")
         if not self.inputs and self.dataset is None:
             raise ValueError("inputs: required when there is no dataset (the shapes random inputs are drawn with)")
         if self.dataset is not None and len(self.inputs) > 1:
             raise ValueError("inputs: a dataset feeds single-input models only; declare one input or none")
+        if self.dataset is None:  # random inputs: timing batches, plus num_samples for the fidelity comparison
+            per_sample = sum(tensor_bytes(t, batch=1) for t in self.inputs)
+            count = sum(self.batch_sizes) + (self.num_samples if self.reference is not None else 0)
+            what = f"batch_sizes (sum {sum(self.batch_sizes)})" + (f" + num_samples ({self.num_samples})" if self.reference is not None else "")
+            check_sample_memory(count * per_sample, f"{what} x inputs ({per_sample} bytes per sample)")
         return self
 
 
@@ -134,6 +164,21 @@ class ModelSummary(BaseModel):
     top1: float | None = Field(None, description="Top-1 accuracy on the dataset.")
     top5: float | None = Field(None, description="Top-5 accuracy on the dataset.")
     fidelity: Fidelity | None = Field(None, description="Agreement with the reference model.")
+    setting: str | None = Field(None, description="For a peer runtime: how it was built and run.")
+
+
+class NativeRow(BaseModel):
+    """A .mnn timed by an MNN runtime built from source (MNNPIPE_MNN_BENCHMARK: its benchmark.out)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str
+    threads: int
+    min_ms: float
+    avg_ms: float
+    max_ms: float
+    iterations: int
+    tool: str
 
 
 class Result(StepResult):
@@ -143,6 +188,11 @@ class Result(StepResult):
     eval_samples: int = Field(0, description="Samples accuracy/fidelity were computed on (0: none).")
     memory_method: str = Field(MEMORY_METHOD, description="How peak memory was measured.")
     machine: dict[str, Any] = Field(default_factory=dict, description="CPU model and cores the numbers were measured on.")
+    mnn_source_built: list[NativeRow] = Field(
+        default_factory=list,
+        description="Each .mnn also timed by the MNN runtime built from source that MNNPIPE_MNN_BENCHMARK names "
+        "(scripts/build-mnn.sh; batch 1, the model's stored input shape, random inputs); empty when unset.",
+    )
 
 
 # --------------------------------------------------------------------------- inputs
@@ -179,8 +229,57 @@ def _timing_inputs(spec: Spec, inputs: list[TensorSpec], eval_x: np.ndarray | No
 # --------------------------------------------------------------------------- the step
 
 
+def _build_peers(spec: Spec, ctx: Any, inputs: list[TensorSpec], eval_x: np.ndarray | None) -> list[tuple[str, ModelRef, str]]:
+    """(label, model, setting) of each peer in `spec.peers`, built in scratch from the fp32 ONNX model."""
+    if not spec.peers:
+        return []
+    from ..engines.peers import PEERS, build_peer
+
+    source = next(m for m in spec.models if (m.label == spec.peer_source if spec.peer_source else m.model.format == "onnx"))
+    n = spec.peer_calibration_samples
+    if spec.peer_calibration is not None:
+        from ..data import load_dataset
+
+        ref = spec.peer_calibration
+        x, origin = load_dataset(ref, ctx.local(ref.uri) if ref.uri else None).x[:n], f"{ref.format} {ref.split} split"
+    elif eval_x is not None:
+        x, origin = eval_x[:n], "the benchmark's evaluation set (accuracy of int8 peers is then optimistic)"
+    else:
+        rng = np.random.default_rng(spec.seed + 2)
+        x, origin = _random(inputs[0], _with_batch(inputs[0].shape, n), rng), "random inputs"
+    samples = [np.ascontiguousarray(s[None]) for s in x]
+    onnx_path = ctx.local(source.model.uri)
+    out = []
+    for name in spec.peers:
+        path = build_peer(name, onnx_path, samples, inputs[0].name, ctx.scratch("peers"))
+        setting = f"{PEERS[name]}; built from '{source.label}'"
+        if "int8" in name:
+            setting += f"; calibrated on {len(samples)} samples of {origin}"
+        out.append((name, ModelRef(uri=str(path), format="onnx" if path.suffix == ".onnx" else "openvino"), setting))
+    return out
+
+
+def _time_source_built(spec: Spec, ctx: Any, targets: list[tuple[str, ModelRef, str | None]]) -> list[NativeRow]:
+    """Every .mnn again, through the source-built MNN runtime, when MNNPIPE_MNN_BENCHMARK names one."""
+    from ..engines.mnn_native import native_tool, time_native
+
+    tool = native_tool()
+    if tool is None:
+        return []
+    rows = []
+    for label, model_ref, _ in targets:
+        if model_ref.format != "mnn":
+            continue
+        path = ctx.local(model_ref.uri)
+        for threads in spec.threads:
+            t = time_native(tool, path, threads=threads, warmup=spec.warmup, iterations=spec.iterations, precision=spec.precision, timeout_s=spec.timeout_s)
+            rows.append(NativeRow(label=label, threads=threads, min_ms=t.min_ms, avg_ms=t.avg_ms, max_ms=t.max_ms, iterations=spec.iterations, tool=str(tool)))
+    return rows
+
+
 def run(spec: Spec, ctx: Any) -> Result:
-    from ..engines.runtimes import measure_isolated, setting_key
+    from ..engines.peers import size_bytes
+    from ..engines.runtimes import MeasureServer, setting_key
     from ..report import machine_info
     from ..train import topk_accuracy
 
@@ -206,47 +305,50 @@ def run(spec: Spec, ctx: Any) -> Result:
         eval_inputs = [_random(t, _with_batch(t.shape, spec.num_samples), rng) for t in inputs]
     timing = _timing_inputs(spec, inputs, eval_x)
     settings = [(t, b) for t in spec.threads for b in spec.batch_sizes]
+    targets = [(mut.label, mut.model, None) for mut in spec.models] + _build_peers(spec, ctx, inputs, eval_x)
 
     rows: list[LatencyRow] = []
     summaries: list[ModelSummary] = []
     outputs: dict[str, list[np.ndarray]] = {}
-    for mut in ctx.progress(spec.models, desc="benchmark", total=len(spec.models)):
-        path = ctx.local(mut.model.uri)
+    # one server imports each runtime once; every model still runs in a confined process of its own
+    server = MeasureServer(
+        settings=settings,
+        timing_inputs=timing,
+        eval_inputs=eval_inputs,
+        precision=spec.precision,
+        warmup=spec.warmup,
+        iterations=spec.iterations,
+        input_names=[t.name for t in inputs],
+        timeout_s=spec.timeout_s,
+    )
+    for label, model_ref, setting in ctx.progress(targets, desc="benchmark", total=len(targets)):
+        path = Path(model_ref.uri) if setting is not None else ctx.local(model_ref.uri)  # a peer: built in scratch
         if path.is_dir():
-            raise InputError(f"{mut.model.uri}: is a folder, expected a model file")
+            raise InputError(f"{model_ref.uri}: is a folder, expected a model file")
         try:
-            m = measure_isolated(
-                mut.model,
-                path,
-                settings=settings,
-                timing_inputs=timing,
-                eval_inputs=eval_inputs,
-                precision=spec.precision,
-                warmup=spec.warmup,
-                iterations=spec.iterations,
-                input_names=[t.name for t in inputs],
-                timeout_s=spec.timeout_s,
-            )
+            m = server.measure(model_ref, path)
         except InputError as exc:
-            raise InputError(f"models[{mut.label}]: {exc}") from None
+            raise InputError(f"models[{label}]: {exc}") from None
         for t, b in settings:
             lat = m.latency[setting_key(t, b)]
-            rows.append(LatencyRow(label=mut.label, format=mut.model.format, threads=t, batch=b, **lat.__dict__))
+            rows.append(LatencyRow(label=label, format=model_ref.format, threads=t, batch=b, **lat.__dict__))
         summary = ModelSummary(
-            label=mut.label,
-            format=mut.model.format,
-            size_bytes=path.stat().st_size,
+            label=label,
+            format=model_ref.format,
+            size_bytes=size_bytes(path),
             peak_rss_bytes=m.peak_rss_bytes,
             peak_rss_delta_bytes=m.peak_rss_delta_bytes,
+            setting=setting,
         )
         if m.eval_outputs is not None:
-            outputs[mut.label] = m.eval_outputs
+            outputs[label] = m.eval_outputs
             if labels_y is not None:
                 logits = np.stack([np.asarray(o).reshape(-1) for o in m.eval_outputs])
                 summary = summary.model_copy(
                     update={"top1": topk_accuracy(logits, labels_y, 1), "top5": topk_accuracy(logits, labels_y, 5)}
                 )
         summaries.append(summary)
+    server.close()
     if spec.reference is not None:
         ref_out = outputs[spec.reference]
         summaries = [
@@ -254,9 +356,11 @@ def run(spec: Spec, ctx: Any) -> Result:
             for s in summaries
         ]
 
+    native = _time_source_built(spec, ctx, targets)
     result = Result(
         rows=rows,
         models=summaries,
+        mnn_source_built=native,
         eval_samples=0 if eval_inputs is None else len(eval_inputs[0]),
         machine=machine_info(),
         metrics=flat_metrics(rows, summaries),
@@ -335,8 +439,12 @@ def write_reports(result: Result, spec: Spec, outdir: Any) -> None:
         f"Machine: {machine}. Latency: {spec.warmup} warm-up + {spec.iterations} timed runs per setting; MNN precision {spec.precision}.",
         f"Peak memory: {MEMORY_METHOD}.",
         f"Accuracy/fidelity over {result.eval_samples} samples." if result.eval_samples else "No accuracy: no dataset given.",
+        *[f"Peer {s.label}: {s.setting}." for s in result.models if s.setting],
     ]
     md = ["# Benchmark", "", *[n + "  " for n in notes], "", "## Models", "", markdown_table(models), "## Latency", "", markdown_table(lat)]
+    if result.mnn_source_built:
+        native = [{"model": r.label, "threads": r.threads, "min ms": r.min_ms, "avg ms": r.avg_ms, "max ms": r.max_ms} for r in result.mnn_source_built]
+        md += ["## MNN built from source", "", f"`{result.mnn_source_built[0].tool}` (MNN's benchmark.out; batch 1, random inputs).", "", markdown_table(native)]
     (outdir / REPORT_MD).write_text("\n".join(md))
     by_label = {s.label: s for s in result.models}
     batch = min(spec.batch_sizes)
@@ -355,5 +463,6 @@ def write_reports(result: Result, spec: Spec, outdir: Any) -> None:
         "models": [s.model_dump() for s in result.models],
         "machine": result.machine,
         "memory_method": MEMORY_METHOD,
+        "mnn_source_built": [r.model_dump() for r in result.mnn_source_built],
     }
     (outdir / METRICS_FILE).write_text(json.dumps(payload, indent=2))

@@ -5,6 +5,14 @@
     then: source model and model.mnn (MNN's Python runtime) run the same N sample inputs;
     the fidelity must be within `tolerance`, else StepFailed and nothing is published.
 
+Before conversion model.onnx is normalised where MNN misreads ONNX (engines/onnx_fixups.py; the
+rewrites applied are in the result) and an ONNX source's open input dimensions are fixed to the
+declared shapes. An fp32 torch export that does not verify is retried with the export settings in
+EXPORT_FALLBACKS; the result records the settings kept. ONNX sources that ONNX Runtime refuses
+(opset-6-era ops) are verified against the model upgraded by onnx's version converter, or onnx's
+reference evaluator. A failed verification names the first op whose output diverges
+(divergence.py); `mnnpipe run --keep-failed` keeps the failed model and that table.
+
 Tolerance defaults (`Tolerance()`): max abs error 1e-3, cosine >= 0.999, top-1 agreement >= 0.99.
 They fit a plain fp32 conversion (measured: max abs error ~1e-7 to 1e-5). They are NOT loosened
 when `weights` asks for fp16 storage or low-bit weights: set `tolerance` yourself for those
@@ -21,12 +29,17 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import InputError, SpecError, ToolError
-from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, TensorSpec, Tolerance
+from ..errors import InputError, SpecError, StepFailed, ToolError
+from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, TensorSpec, Tolerance, check_sample_memory, tensor_bytes
 from ..verify import Fidelity, check, compare
 
 MNN_FILE = "model.mnn"
 ONNX_FILE = "model.onnx"
+
+# torch -> ONNX settings tried, in order, after the spec's own when its fp32 .mnn does not verify.
+# Measured on all-MiniLM-L6-v2: opset 17 with a dynamic batch converted to cosine 0.26; opset 17
+# static and opset 13 dynamic to 0.999995. nn.MultiheadAttention needs opset >= 14.
+EXPORT_FALLBACKS: tuple[tuple[int, bool], ...] = ((17, False), (14, True), (13, True))
 
 
 class WeightCompression(Strict):
@@ -93,9 +106,13 @@ class Spec(StepSpec):
 
     kind: Literal["convert"] = "convert"
     model: ModelRef = Field(description="The source model: TorchScript, torch.export .pt2, state-dict + factory, or ONNX.")
-    inputs: list[TensorSpec] = Field(
+    inputs: list[TensorSpec] | None = Field(
+        None,
         min_length=1,
-        description="The model's inputs in call order (name, static shape with batch dimension, dtype, sample range).",
+        description="The model's inputs in call order (name, static shape with batch dimension, dtype, sample range). "
+        "Required for torch models; for an ONNX model None reads them from the graph (a dynamic batch dimension "
+        "becomes 1; other dynamic dimensions must be declared here), and declared shapes fix the graph's dynamic "
+        "dimensions for conversion and verification.",
     )
     opset: int = Field(17, ge=11, le=20, description="ONNX opset for the torch -> ONNX export (ignored for ONNX sources).")
     dynamic_batch: bool = Field(
@@ -120,11 +137,15 @@ class Spec(StepSpec):
     def _model(cls, v: ModelRef) -> ModelRef:
         if v.format == "mnn":
             raise ValueError("convert takes a torch or ONNX model; this one is already .mnn")
+        if v.format == "openvino":
+            raise ValueError("convert takes a torch or ONNX model, not an OpenVINO IR")
         return v
 
     @field_validator("inputs")
     @classmethod
-    def _inputs(cls, v: list[TensorSpec]) -> list[TensorSpec]:
+    def _inputs(cls, v: list[TensorSpec] | None) -> list[TensorSpec] | None:
+        if v is None:
+            return v
         names = [t.name for t in v]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -133,8 +154,14 @@ class Spec(StepSpec):
 
     @model_validator(mode="after")
     def _samples_fit(self) -> Spec:
+        if self.inputs is None:
+            if self.model.format != "onnx":
+                raise ValueError("inputs (name, shape, dtype of each input) is required for a torch model")
+            return self  # read from the ONNX graph at run time, and checked there
         if self.samples is not None and len(self.inputs) != 1:
             raise ValueError("samples (a dataset) can feed only a single-input model; omit it to use random inputs")
+        per_sample = sum(tensor_bytes(t) for t in self.inputs)
+        check_sample_memory(self.num_samples * per_sample, f"num_samples ({self.num_samples}) x inputs ({per_sample} bytes per sample)")
         return self
 
 
@@ -151,12 +178,25 @@ class Result(StepResult):
     input_names: list[str] = Field(description="Model input names, in call order.")
     output_names: list[str] = Field(description="Model output names.")
     converter_log: str = Field("", description="The last lines of the MNN converter's log.")
+    export: dict[str, Any] | None = Field(
+        None, description="The torch -> ONNX export settings of the published model (opset, dynamic_batch); None for an ONNX source."
+    )
+    verified_shapes: dict[str, list[int]] = Field(
+        default_factory=dict, description="The input shapes the .mnn was verified at (declared or read from the model)."
+    )
+    reference_runtime: str = Field("", description="What ran the source model for verification (torch, onnxruntime, ...).")
+    graph_rewrites: list[str] = Field(
+        default_factory=list, description="Rewrites applied to model.onnx so MNN reads it as ONNX means it (see engines/onnx_fixups.py)."
+    )
+    export_attempts: list[str] = Field(
+        default_factory=list, description="Export settings tried before the published one, and why each was not kept."
+    )
 
 
 # --------------------------------------------------------------------------- sample inputs
 
 
-_NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
+_NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
 
 
 def random_inputs(inputs: list[TensorSpec], n: int, seed: int) -> list[list[np.ndarray]]:
@@ -167,8 +207,8 @@ def random_inputs(inputs: list[TensorSpec], n: int, seed: int) -> list[list[np.n
         sample = []
         for t in inputs:
             lo, hi = t.range
-            if t.dtype == "float32":
-                sample.append(rng.uniform(lo, hi, size=t.shape).astype(np.float32))
+            if t.dtype in ("float32", "float64"):
+                sample.append(rng.uniform(lo, hi, size=t.shape).astype(_NP_DTYPES[t.dtype]))
             else:
                 sample.append(rng.integers(int(np.ceil(lo)), max(int(np.ceil(lo)) + 1, int(np.ceil(hi))), size=t.shape).astype(_NP_DTYPES[t.dtype]))
         out.append(sample)
@@ -196,24 +236,30 @@ def dataset_inputs(ref: DatasetRef, local: Path | None, t: TensorSpec, n: int) -
 # --------------------------------------------------------------------------- the step
 
 
-def _reference_outputs(runner: Any, samples: list[list[np.ndarray]], spec: Spec) -> list[list[np.ndarray]]:
+def _reference_outputs(runner: Any, samples: list[list[np.ndarray]], spec: Spec, inputs: list[TensorSpec]) -> list[list[np.ndarray]]:
     """Run the source model; a shape that does not fit becomes an InputError naming the inputs."""
     try:
         return [runner.run(s) for s in samples]
     except InputError as exc:
-        declared = ", ".join(f"'{t.name}' {list(t.shape)}" for t in spec.inputs)
+        declared = ", ".join(f"'{t.name}' {list(t.shape)}" for t in inputs)
         raise InputError(f"inputs: declared {declared} do not fit the model {spec.model.uri}: {exc}") from None
 
 
 def _onnx_opset(path: Path) -> int | None:
-    import onnx
+    from ..engines.onnx_header import read_opset  # not onnx.load: it would parse every weight again
 
-    model = onnx.load(str(path), load_external_data=False)
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return read_opset(path)
 
 
-def _check_onnx_inputs(path: Path, spec: Spec) -> None:
-    """Declared input names and static dims must match an ONNX source's graph inputs."""
+_ONNX_DTYPES = {1: "float32", 11: "float64", 7: "int64", 6: "int32", 2: "uint8"}  # onnx.TensorProto codes
+
+
+def _onnx_inputs(path: Path, spec: Spec) -> list[TensorSpec]:
+    """The inputs of an ONNX source: the spec's, checked against the graph, or the graph's own.
+
+    A dimension the graph leaves open (a name, -1, or none) accepts any declared size; that size is
+    what model.onnx is fixed to before conversion (engines/onnx_fixups.normalise_for_mnn).
+    """
     import onnx
 
     try:
@@ -223,13 +269,27 @@ def _check_onnx_inputs(path: Path, spec: Spec) -> None:
     initializers = {i.name for i in graph.initializer}
     real = [i for i in graph.input if i.name not in initializers]
     names = [i.name for i in real]
+    graph_dims = {i.name: [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in i.type.tensor_type.shape.dim] for i in real}
+    if spec.inputs is None:
+        inferred = []
+        for i in real:
+            dims = graph_dims[i.name]
+            shown = [d if d is not None else "?" for d in dims]
+            if not dims or any(d is None for d in dims[1:]):
+                raise InputError(f"inputs: the ONNX input '{i.name}' has dynamic dimensions {shown}: declare its shape in `inputs`")
+            dtype = _ONNX_DTYPES.get(i.type.tensor_type.elem_type)
+            if dtype is None:
+                raise InputError(f"inputs: the ONNX input '{i.name}' has element type {i.type.tensor_type.elem_type}, expected one of {sorted(_ONNX_DTYPES.values())}")
+            inferred.append(TensorSpec(name=i.name, shape=(dims[0] or 1, *dims[1:]), dtype=dtype))
+        return inferred
     if [t.name for t in spec.inputs] != names:
         raise InputError(f"inputs: the ONNX model takes inputs {names}, the spec declares {[t.name for t in spec.inputs]}")
-    for t, i in zip(spec.inputs, real):
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+    for t in spec.inputs:
+        dims = graph_dims[t.name]
         if len(dims) != len(t.shape) or any(d is not None and d != s for d, s in zip(dims, t.shape)):
             shown = [d if d is not None else "?" for d in dims]
             raise InputError(f"inputs: input '{t.name}' is declared {list(t.shape)} but the ONNX model expects {shown}")
+    return list(spec.inputs)
 
 
 def _worst(per_output: dict[str, Fidelity]) -> Fidelity:
@@ -249,38 +309,18 @@ def _per_sample_rows(outputs: list[list[np.ndarray]], k: int) -> list[np.ndarray
     return [row for run in outputs for row in np.asarray(run[k])]
 
 
-def run(spec: Spec, ctx: Any) -> Result:
+def _convert_and_compare(
+    spec: Spec,
+    onnx_path: Path,
+    mnn_path: Path,
+    names: list[str],
+    output_names: list[str],
+    samples: list[list[np.ndarray]],
+    reference: list[list[np.ndarray]],
+) -> tuple[Any, str, dict[str, Fidelity]]:
+    """model.onnx -> model.mnn, run on the samples; the .mnn's runner, the converter log, fidelity per output."""
     from ..engines import mnn
-    from ..engines.onnx_export import export_onnx
-    from ..engines.runtimes import MnnRunner, open_model
-
-    src_path = ctx.local(spec.model.uri)
-    if src_path.is_dir():
-        raise InputError(f"{spec.model.uri}: is a folder, expected a model file")
-    names = [t.name for t in spec.inputs]
-    if spec.samples is not None:
-        local = ctx.local(spec.samples.uri) if spec.samples.uri else None
-        samples = dataset_inputs(spec.samples, local, spec.inputs[0], spec.num_samples)
-    else:
-        samples = random_inputs(spec.inputs, spec.num_samples, spec.seed)
-
-    scratch = ctx.scratch("convert")
-    onnx_path, mnn_path = scratch / ONNX_FILE, scratch / MNN_FILE
-    if spec.model.format == "onnx":
-        _check_onnx_inputs(src_path, spec)
-        source = open_model(spec.model, src_path, threads=1)
-        reference = _reference_outputs(source, samples, spec)
-        shutil.copyfile(src_path, onnx_path)
-        output_names = list(source.output_names)
-    else:
-        import torch
-
-        source = open_model(spec.model, src_path, threads=1, input_names=names)
-        reference = _reference_outputs(source, samples, spec)
-        example = tuple(torch.from_numpy(a) for a in samples[0])
-        output_names = export_onnx(
-            source.model, example, onnx_path, input_names=names, opset=spec.opset, dynamic_batch=spec.dynamic_batch
-        )
+    from ..engines.runtimes import MnnRunner
 
     try:
         log = mnn.convert_onnx_to_mnn(onnx_path, mnn_path, timeout_s=spec.timeout_s, **spec.weights.converter_kwargs())
@@ -297,13 +337,104 @@ def run(spec: Spec, ctx: Any) -> Result:
         raise ToolError(f"the converted .mnn fails on the verification inputs: {exc}") from None
     if len(produced[0]) != len(reference[0]):
         raise ToolError(f"the .mnn returns {len(produced[0])} outputs, the source model {len(reference[0])}")
-
     per_output = {
         name: compare(_per_sample_rows(reference, k), _per_sample_rows(produced, k)) for k, name in enumerate(output_names)
     }
-    fidelity = _worst(per_output)
-    check(fidelity, spec.tolerance, f"the .mnn ({_describe_weights(spec.weights)}) against the source model")
+    return candidate, log, per_output
 
+
+def _explain_failure(message: str, onnx_path: Path, mnn_path: Path, names: list[str], sample: list[np.ndarray], scratch: Path) -> str:
+    """The verification failure, with the first op whose output diverges and, with --keep-failed,
+    where the failed model and the divergence table were kept."""
+    from ..divergence import find_divergence
+    from ..failures import keep_failed
+
+    files = {ONNX_FILE: onnx_path, "model.mnn.FAILED": mnn_path}
+    try:
+        divergence = find_divergence(onnx_path, mnn_path, names, sample, scratch)
+    except Exception as exc:  # the diagnosis must never hide the verdict
+        message += f"; the divergence report could not be made ({type(exc).__name__})"
+    else:
+        message += f"; {divergence.summary()}"
+        (scratch / "divergence.md").write_text(divergence.to_markdown())
+        files["divergence.md"] = scratch / "divergence.md"
+    kept = keep_failed("convert", files, message)
+    return message + (f"; kept for inspection in {kept}" if kept else "")
+
+
+def _describe_export(setting: tuple[int, bool]) -> str:
+    return f"opset {setting[0]}, {'dynamic' if setting[1] else 'static'} batch"
+
+
+def run(spec: Spec, ctx: Any) -> Result:
+    from ..engines.confined_torch import ConfinedTorchModel
+    from ..engines.onnx_fixups import normalise_for_mnn, open_reference
+
+    src_path = ctx.local(spec.model.uri)
+    if src_path.is_dir():
+        raise InputError(f"{spec.model.uri}: is a folder, expected a model file")
+    if spec.model.format == "onnx":
+        inputs = _onnx_inputs(src_path, spec)
+        if spec.inputs is None:  # the spec validator could not size what it did not know
+            per_sample = sum(tensor_bytes(t) for t in inputs)
+            check_sample_memory(spec.num_samples * per_sample, f"num_samples ({spec.num_samples}) x inputs ({per_sample} bytes per sample)")
+            if spec.samples is not None and len(inputs) != 1:
+                raise SpecError("samples (a dataset) can feed only a single-input model; omit it to use random inputs")
+    else:
+        assert spec.inputs is not None  # the validator requires them for torch models
+        inputs = list(spec.inputs)
+    names = [t.name for t in inputs]
+    if spec.samples is not None:
+        local = ctx.local(spec.samples.uri) if spec.samples.uri else None
+        samples = dataset_inputs(spec.samples, local, inputs[0], spec.num_samples)
+    else:
+        samples = random_inputs(inputs, spec.num_samples, spec.seed)
+
+    scratch = ctx.scratch("convert")
+    onnx_path, mnn_path = scratch / ONNX_FILE, scratch / MNN_FILE
+    if spec.model.format == "onnx":
+        source, reference_runtime = open_reference(spec.model.uri, src_path, scratch)
+        reference = _reference_outputs(source, samples, spec, inputs)
+        output_names = list(source.output_names)
+        settings: list[tuple[int, bool] | None] = [None]
+    else:
+        # The model is code: it is loaded, run and exported only in a confined child process.
+        source = ConfinedTorchModel(spec.model, src_path, scratch, input_names=names, timeout_s=spec.timeout_s)
+        reference_runtime = "torch"
+        reference = _reference_outputs(source, samples, spec, inputs)
+        example = samples[0]
+        settings = [(spec.opset, spec.dynamic_batch)]
+        if spec.weights.lossless:  # a lossy .mnn that misses the tolerance is not the exporter's fault
+            settings += [s for s in EXPORT_FALLBACKS if s != settings[0]]
+
+    attempts: list[str] = []
+    for setting in settings:
+        if setting is not None:
+            opset, dynamic = setting
+            try:
+                output_names = source.export_onnx(example, onnx_path, input_names=names, opset=opset, dynamic_batch=dynamic)
+            except ToolError as exc:
+                if not attempts:
+                    raise  # the model the user asked for does not export: say why, not what a fallback did
+                attempts.append(f"{_describe_export(setting)}: {exc}")
+                continue
+        # an ONNX source is read from where it is once, and written here normalised
+        rewrites = normalise_for_mnn(src_path if setting is None else onnx_path, onnx_path, {t.name: t.shape for t in inputs})
+        try:
+            candidate, log, per_output = _convert_and_compare(spec, onnx_path, mnn_path, names, output_names, samples, reference)
+            fidelity = _worst(per_output)
+            check(fidelity, spec.tolerance, f"the .mnn ({_describe_weights(spec.weights)}) against the source model")
+            break
+        except StepFailed as exc:  # outside the tolerance, or output shapes differ
+            failure = str(exc)
+            if setting is not None:
+                attempts.append(f"{_describe_export(setting)}: {failure}")
+    else:
+        tried = f" (export settings tried: {' | '.join(attempts)})" if len(attempts) > 1 else ""
+        raise StepFailed(_explain_failure(failure + tried, onnx_path, mnn_path, names, samples[0], scratch))
+
+    if isinstance(source, ConfinedTorchModel):
+        source.close()
     # Verified: only now does anything go where it will be published.
     shutil.copyfile(onnx_path, ctx.outdir / ONNX_FILE)
     shutil.copyfile(mnn_path, ctx.outdir / MNN_FILE)
@@ -333,6 +464,11 @@ def run(spec: Spec, ctx: Any) -> Result:
         input_names=names,
         output_names=list(candidate.output_names) or output_names,
         converter_log=log,
+        export=None if setting is None else {"opset": setting[0], "dynamic_batch": setting[1]},
+        export_attempts=attempts,
+        reference_runtime=reference_runtime,
+        verified_shapes={t.name: list(t.shape) for t in inputs},
+        graph_rewrites=rewrites,
         metrics=metrics,
     )
 

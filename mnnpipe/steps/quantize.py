@@ -45,6 +45,16 @@ class Spec(StepSpec):
         description="Input name and shape [1, C, H, W]; needed to export torch models, ignored for .mnn/ONNX "
         "(read from the model).",
     )
+    inputs: list[TensorSpec] | None = Field(
+        None,
+        description="Every input of a multi-input model in call order (e.g. input_ids and attention_mask, int64), "
+        "instead of `input`. The quantized model is then checked against the fp32 model on `num_samples` seeded "
+        "random inputs drawn from each input's range (omit `evaluation`). full-int8 calibrates on `calibration` "
+        "(an npz with one array per input name) or, without it, on `calibration_samples` seeded random inputs.",
+    )
+    num_samples: int = Field(
+        16, ge=1, le=4096, description="Random inputs the multi-input check (`inputs`) compares the models on."
+    )
     mode: Literal["full-int8", "weight-only", "fp16"] = Field(
         "full-int8",
         description="full-int8: int8 weights and activations (int8 kernels); weight-only: int8/int4 weights "
@@ -58,17 +68,20 @@ class Spec(StepSpec):
     )
     calibration: DatasetRef | None = Field(
         None,
-        description="Samples the int8 activation ranges are calibrated on (mode full-int8; required there), "
-        "preprocessed exactly as the model expects.",
+        description="Samples the int8 activation ranges are calibrated on (mode full-int8; required there unless "
+        "`inputs` is given), preprocessed exactly as the model expects. With `inputs`: format npz, one array per "
+        "input name holding every sample of that input.",
     )
-    evaluation: DatasetRef = Field(
-        description="Held-out set the quantized model is measured on against the fp32 model: top-1 accuracy "
+    evaluation: DatasetRef | None = Field(
+        None,
+        description="Required unless `inputs` is given. ""Held-out set the quantized model is measured on against the fp32 model: top-1 accuracy "
         "when it has labels, output fidelity otherwise. Use a split other than the calibration's.",
     )
     activation_method: Literal["KL", "ADMM", "EMA"] = Field(
         "KL",
         description="How activation ranges are chosen (MNN's feature_quantize_method). KL crashes MNN 3.6.1 on "
-        "models with ReduceMean (use EMA there); ADMM is rejected: it crashes 3.6.1 on every model tried.",
+        "models with ReduceMean or LRN (use EMA there; such models are refused before the quantizer runs); ADMM "
+        "is rejected: it crashes 3.6.1 on every model tried.",
     )
     weight_method: Literal["MAX_ABS", "ADMM"] = Field(
         "MAX_ABS", description="How int8 weight scales are chosen (MNN's weight_quantize_method)."
@@ -141,7 +154,7 @@ class Spec(StepSpec):
     @model_validator(mode="after")
     def _mode_fields(self) -> Spec:
         if self.mode == "full-int8":
-            if self.calibration is None:
+            if self.calibration is None and self.inputs is None:
                 raise ValueError("calibration is required for mode 'full-int8' (a DatasetRef to calibrate on)")
             if self.weights is not None:
                 raise ValueError("weights applies to modes weight-only / fp16, not full-int8")
@@ -160,7 +173,19 @@ class Spec(StepSpec):
                 raise ValueError("mode 'fp16' needs weights.fp16 true (or omit weights)")
             if self.weights is not None and self.mode == "weight-only" and self.weights.bits is None:
                 raise ValueError("mode 'weight-only' needs weights.bits (2-8), or omit weights for 8 bits")
-        if self.model.is_torch and self.input is None:
+        if self.inputs is not None:
+            if self.input is not None:
+                raise ValueError("give either input (one input) or inputs (every input), not both")
+            if self.mode == "full-int8" and (self.mixed_precision != "off" or self.sensitivity):
+                raise ValueError("sensitivity and mixed_precision measure single-input models; with inputs use skip_layers")
+            if self.evaluation is not None:
+                raise ValueError("evaluation feeds one input; with inputs the check uses random inputs: omit evaluation")
+            names = [t.name for t in self.inputs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"inputs names must be unique, got {names}")
+        elif self.evaluation is None:
+            raise ValueError("evaluation is required (a held-out DatasetRef) unless inputs is given")
+        if self.model.is_torch and self.input is None and self.inputs is None:
             raise ValueError("input (name and shape) is required to export a torch model")
         return self
 
@@ -183,17 +208,17 @@ class Result(StepResult):
 
 
 def _model_input(mnn_path: Path) -> tuple[str, tuple[int, ...]]:
-    """The single input's name and static shape, read from the .mnn."""
-    from ..engines.mnn import import_mnn, load_session
+    """The single input's name and static shape, read from the .mnn's op list (no weights loaded)."""
+    from ..engines.mnn_file import MnnFileError, read_inputs
 
-    import_mnn()
-    import MNN.expr as F
-
-    names = load_session(mnn_path).input_names
+    try:
+        inputs = read_inputs(mnn_path)
+    except MnnFileError as exc:
+        raise InputError(f"not a loadable MNN model: {mnn_path} ({exc})") from None
+    names = list(inputs)
     if len(names) != 1:
         raise InputError(f"model has {len(names)} inputs {names}; quantize calibrates single-input models")
-    var = F.load_as_dict(str(mnn_path)).get(names[0])
-    shape = tuple(int(d) for d in (var.shape if var is not None else []))
+    shape = tuple(int(d) for d in inputs[names[0]])
     if shape and shape[0] <= 0:
         shape = (1, *shape[1:])  # a dynamic batch: the quantizer and evaluation feed one sample at a time
     if not shape or any(d <= 0 for d in shape):
@@ -203,6 +228,8 @@ def _model_input(mnn_path: Path) -> tuple[str, tuple[int, ...]]:
 
 def _source_inputs(spec: Spec, src: Path) -> list[TensorSpec]:
     """The input the convert step exports/verifies with: the spec's, or the ONNX graph's own."""
+    if spec.inputs is not None:
+        return list(spec.inputs)
     if spec.input is not None:
         return [spec.input]
     import onnx
@@ -251,17 +278,22 @@ def _to_mnn(spec: Spec, ctx, name: str, weights: WeightCompression | None = None
 class _Evaluator:
     """Runs candidate .mnn models on the evaluation set and compares them with the fp32 model."""
 
-    def __init__(self, fp32_path: Path, x: np.ndarray, y: np.ndarray | None, threads: int):
+    def __init__(self, fp32_path: Path, x: np.ndarray, y: np.ndarray | None, threads: int, timeout_s: float = 1800):
+        from ..engines.runtimes import MeasureServer
+
         self.x, self.y, self.threads = x, y, threads
+        # Each candidate runs in a confined process of its own (MNN parses the file in C++), forked
+        # from one server that imports MNN once; one timed run is the price of reusing it.
+        self._server = MeasureServer(
+            settings=[(threads, 1)], timing_inputs={1: [x[:1]]}, eval_inputs=[x], warmup=0, iterations=1, timeout_s=timeout_s
+        )
         self.reference = self.outputs(fp32_path)
         self.fp32_accuracy = None if y is None else float((self.reference.argmax(1) == y).mean())
 
     def outputs(self, path: Path) -> np.ndarray:
-        from ..engines.mnn import load_session
-
-        session = load_session(path, threads=self.threads)
-        rows = [np.asarray(session.run([sample[None]])[0], np.float64).reshape(-1) for sample in self.x]
-        return np.stack(rows)
+        m = self._server.measure(ModelRef(uri=str(path), format="mnn"), path)
+        assert m.eval_outputs is not None
+        return np.stack([np.asarray(o, np.float64).reshape(-1) for o in m.eval_outputs])
 
     def evaluate(self, path: Path) -> Evaluation:
         out = self.outputs(path)
@@ -301,7 +333,7 @@ def _budget_problems(spec: Spec, ev: Evaluation) -> list[str]:
 class _Int8Quantizer:
     """One MNN quantizer run per skip list, cached so the search never repeats a quantization."""
 
-    def __init__(self, spec: Spec, fp32: Path, calib_config: dict, workdir: Path, evaluator: _Evaluator):
+    def __init__(self, spec: Spec, fp32: Path, calib_config: dict, workdir: Path, evaluator: _Evaluator | None):
         self.spec, self.fp32, self.workdir, self.evaluator = spec, fp32, workdir, evaluator
         self.base_config = {
             **calib_config,
@@ -326,6 +358,7 @@ class _Int8Quantizer:
         key = tuple(sorted(skip))
         if key not in self.runs:
             path, _ = self.quantize(list(skip))
+            assert self.evaluator is not None  # the multi-input path quantizes once and checks itself
             self.runs[key] = (path, self.evaluator.evaluate(path))
         return self.runs[key][1]
 
@@ -343,10 +376,14 @@ def _debug_cosines(quantizer: _Int8Quantizer, skip: list[str]) -> dict[str, floa
 def _full_int8(spec: Spec, ctx, fp32: Path, evaluator: _Evaluator) -> tuple[Path, Evaluation, list[str], list[LayerSensitivity] | None, int]:
     from ..calibration import write_calibration
     from ..data import load_dataset
+    from ..engines.mnn import quantizer_blockers
     from ..sensitivity import greedy_float_layers, measure, quantizable_layers
 
     assert spec.calibration is not None  # the validator guarantees it
     name, shape = _model_input(fp32)
+    blockers = quantizer_blockers(fp32, spec.activation_method)
+    if blockers:  # before calibration data is written: the quantizer would only segfault
+        raise InputError(f"model: {spec.model.uri}: {'; '.join(blockers)}")
     ref = spec.calibration
     data = load_dataset(ref, ctx.local(ref.uri) if ref.uri else None)
     calib = write_calibration(
@@ -392,7 +429,13 @@ def run(spec: Spec, ctx) -> Result:
     from ..engines.mnn import op_types
     from ..sensitivity import to_markdown
 
+    if spec.model.format == "mnn":  # before this process reads it: a corrupt .mnn can hang or crash MNN
+        from ..engines.mnn_probe import PROBE_TIMEOUT_S, check_loadable
+
+        check_loadable(ctx.local(spec.model.uri), f"model: {spec.model.uri}", timeout_s=min(spec.timeout_s, PROBE_TIMEOUT_S))
     fp32 = _to_mnn(spec, ctx, "fp32")
+    if spec.inputs is not None:
+        return _multi_input(spec, ctx, fp32)
     try:
         name, shape = _model_input(fp32)
     except InputError as exc:  # name the spec's model, not the scratch copy the message would show
@@ -400,11 +443,12 @@ def run(spec: Spec, ctx) -> Result:
         msg = msg.replace(str(fp32), spec.model.uri) if str(fp32) in msg else f"{spec.model.uri}: {msg}"
         raise InputError(f"model: {msg}") from None
     ev_ref = spec.evaluation
+    assert ev_ref is not None  # the validator requires it without `inputs`
     ev_data = load_dataset(ev_ref, ctx.local(ev_ref.uri) if ev_ref.uri else None)
     from ..calibration import check_matches_input
 
     check_matches_input(ev_data, shape, name, "evaluation")
-    evaluator = _Evaluator(fp32, ev_data.x, ev_data.y, spec.threads)
+    evaluator = _Evaluator(fp32, ev_data.x, ev_data.y, spec.threads, spec.timeout_s)
 
     table, skip, attempts = None, [], 1
     if spec.mode == "full-int8":
@@ -447,6 +491,79 @@ def run(spec: Spec, ctx) -> Result:
         attempts=attempts,
         metrics=metrics,
     )
+
+
+def _multi_input(spec: Spec, ctx, fp32: Path) -> Result:
+    """A model with several inputs in any mode, checked on seeded random inputs (every input)."""
+    from ..engines.mnn import load_session, op_types
+    from ..verify import compare
+    from .convert import random_inputs
+
+    assert spec.inputs is not None
+    names = [t.name for t in spec.inputs]
+    skip: list[str] = []
+    if spec.mode == "full-int8":
+        candidate, skip = _multi_input_int8(spec, ctx, fp32)
+    else:
+        candidate = _to_mnn(spec, ctx, spec.mode, spec.weights or _default_weights(spec.mode))
+    samples = random_inputs(list(spec.inputs), spec.num_samples, spec.seed)
+
+    def outputs(path: Path) -> list[np.ndarray]:
+        session = load_session(path, threads=spec.threads, input_names=names)
+        return [np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in session.run(s)]) for s in samples]
+
+    fid = compare(outputs(fp32), outputs(candidate))
+    # cosine only: the outputs of a multi-input model are rarely class scores (embeddings, spans),
+    # and an argmax over them flips on noise
+    ev = Evaluation(cosine=fid.cosine)
+    problems = _budget_problems(spec, ev)
+    if problems:
+        raise StepFailed(f"{spec.mode} model misses the budget: {'; '.join(problems)} (over {fid.samples} random inputs); nothing published")
+    ops = op_types(candidate, timeout_s=spec.timeout_s)
+    if spec.mode == "full-int8" and not any(k.endswith("[int8]") for k in ops):
+        raise StepFailed(f"the quantizer produced no int8 layers (op types {ops}); nothing published")
+    shutil.copyfile(candidate, ctx.outdir / "model.mnn")
+    fp32_size, size = fp32.stat().st_size, candidate.stat().st_size
+    return Result(
+        mode=spec.mode,
+        fp32_size_bytes=fp32_size,
+        size_bytes=size,
+        size_ratio=round(size / fp32_size, 6),
+        op_types=ops,
+        float_layers=skip,
+        fp32=Evaluation(cosine=1.0),
+        quantized=ev,
+        metrics={"size_ratio": size / fp32_size, "cosine": ev.cosine, "float_layers": float(len(skip))},
+    )
+
+
+def _multi_input_int8(spec: Spec, ctx, fp32: Path) -> tuple[Path, list[str]]:
+    """Full int8 of a model with several inputs: every sample carries every input (MNN's sequence
+    layout), from the calibration npz or seeded random inputs within each input's range."""
+    from ..calibration import write_multi_input_calibration
+    from ..data import load_named_samples
+    from ..engines.mnn import quantizer_blockers
+    from ..sensitivity import quantizable_layers
+    from .convert import random_inputs
+
+    assert spec.inputs is not None
+    inputs = list(spec.inputs)
+    blockers = quantizer_blockers(fp32, spec.activation_method)
+    if blockers:  # before calibration data is written: the quantizer would only segfault
+        raise InputError(f"model: {spec.model.uri}: {'; '.join(blockers)}")
+    ref = spec.calibration
+    if ref is None:  # another seed than the check's: the model is not checked on its calibration data
+        samples = random_inputs(inputs, spec.calibration_samples, spec.seed + 1)
+    else:
+        samples = load_named_samples(ref, ctx.local(ref.uri) if ref.uri else None, inputs)[: spec.calibration_samples]
+    calib = write_multi_input_calibration(samples, inputs, ctx.scratch("calibration"))
+    known = {n for n, _ in quantizable_layers(str(fp32))}
+    unknown = [s for s in spec.skip_layers if s not in known]
+    if unknown:
+        raise InputError(f"skip_layers: {unknown} are not quantizable layers of this model; it has {sorted(known)}")
+    quantizer = _Int8Quantizer(spec, fp32, calib.config, ctx.scratch("int8"), evaluator=None)
+    path, _ = quantizer.quantize(list(spec.skip_layers))
+    return path, list(spec.skip_layers)
 
 
 def _default_weights(mode: str) -> WeightCompression:

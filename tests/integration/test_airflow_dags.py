@@ -84,6 +84,19 @@ def _return_values(dag_run) -> dict:
         return {row.task_id: XComModel.deserialize_value(row) for row in rows}
 
 
+def _return_values_by_index(dag_run) -> dict[str, dict[int, object]]:
+    """{task_id: {map_index: value}}: mapped instances keep their own index (-1 when unmapped)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    out: dict[str, dict[int, object]] = {}
+    with create_session() as session:
+        rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key="return_value", map_indexes=None)).all()
+        for row in rows:
+            out.setdefault(row.task_id, {})[row.map_index] = XComModel.deserialize_value(row)
+    return out
+
+
 def _exists(s3_server, bucket: str, key: str) -> bool:
     return s3_server.client().list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount", 0) > 0
 
@@ -105,6 +118,9 @@ def test_every_dag_imports_without_errors(dagbag) -> None:
     assert recompress.max_active_runs == 1
     handoff = dagbag.get_dag("example_training_handoff")
     assert NEW_MODEL_ASSET in handoff.get_task("announce_new_version").outlets
+    for dag_id in DAG_IDS:  # every task retries a transient failure once and runs bounded
+        for task in dagbag.get_dag(dag_id).tasks:
+            assert task.retries == 1 and task.execution_timeout is not None, (dag_id, task.task_id)
     # the switch came from the environment, for every step operator
     assert {t.execution for t in nightly.tasks if hasattr(t, "execution")} == {"in_process"}
 
@@ -112,34 +128,60 @@ def test_every_dag_imports_without_errors(dagbag) -> None:
 # ------------------------------------------------------------------ end to end
 
 
-def test_recompress_on_new_model_compresses_the_newest_version(dagbag, s3_server, s3_bucket, cache_dir, digits_model) -> None:
-    from mnnpipe.registry import next_version
+def test_recompress_sweep_compresses_every_unprocessed_version(dagbag, s3_server, s3_bucket, cache_dir, digits_model) -> None:
+    """A run without Asset events (hourly, or manual) sweeps the registry: every version not
+    processed yet, one mapped `compress` instance each; a processed version is left alone."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    from mnnpipe.airflow.config import RELEASED_ASSET
+    from mnnpipe.registry import unprocessed_versions
+    from mnnpipe.release import read_latest
     from mnnpipe.steps import step_module
 
+    DIGEST = dagbag.get_dag("mnn_recompress_on_new_model").get_task("compress.release").op_args[-1]["recipe_digest"]
+
     _publish_version(s3_server, s3_bucket, "v1", digits_model)
-    newest = _publish_version(s3_server, s3_bucket, "v2", digits_model)
+    _publish_version(s3_server, s3_bucket, "v2", digits_model)
+    _publish_version(s3_server, s3_bucket, "v3", digits_model)
+    s3_server.client().put_object(Bucket=s3_bucket, Key=f"artifacts/released/models/v1/{DIGEST}/manifest.json", Body=b"{}")
     conf = {"model_registry": f"s3://{s3_bucket}/models", "artifact_prefix": f"s3://{s3_bucket}/artifacts"}
 
     run = dagbag.get_dag("mnn_recompress_on_new_model").test(run_conf=conf)
 
     assert run.state == "success"
-    results = _return_values(run)
-    assert results["wait_for_new_model"] == {"version": "v2", "model_uri": newest, "name": "models"}
-    for step in STEPS:  # results in XCom are the steps' Results, published under the version
-        result = step_module(step).Result.model_validate(results[step])
-        assert result.output == f"s3://{s3_bucket}/artifacts/versions/v2/{step}"
-        assert _exists(s3_server, s3_bucket, f"artifacts/versions/v2/{step}/manifest.json")
-    quantized = step_module("quantize").Result.model_validate(results["quantize"])
-    assert quantized.size_bytes < quantized.fp32_size_bytes
-    assert quantized.model_dump()["artifacts"]["model.mnn"]["uri"].startswith(f"s3://{s3_bucket}/artifacts/versions/v2/quantize/")
-    # v2 is done now, and v1 was superseded by it: nothing is left for the sensor
-    marker = f"s3://{s3_bucket}/artifacts/versions/{{version}}/benchmark/manifest.json"
-    assert next_version(conf["model_registry"], "model.pt", marker) is None
+    results = _return_values_by_index(run)
+    assert [v["version"] for v in results["versions_to_compress"][-1]] == ["v2", "v3"]
+    for index, version in enumerate(["v2", "v3"]):
+        assert results["compress.version"][index]["model_uri"] == f"s3://{s3_bucket}/models/{version}/model.pt"
+        for step in STEPS:  # each instance publishes its own version's steps
+            result = step_module(step).Result.model_validate(results[f"compress.{step}"][index])
+            assert result.output == f"s3://{s3_bucket}/artifacts/versions/{version}/{step}"
+            assert _exists(s3_server, s3_bucket, f"artifacts/versions/{version}/{step}/manifest.json")
+        quantized = step_module("quantize").Result.model_validate(results["compress.quantize"][index])
+        assert quantized.size_bytes < quantized.fp32_size_bytes
+        assert quantized.model_dump()["artifacts"]["model.mnn"]["uri"].startswith(f"s3://{s3_bucket}/artifacts/versions/{version}/quantize/")
+    assert not _exists(s3_server, s3_bucket, "artifacts/versions/v1/convert/")
+    # each version passed the gate and was released; latest.json names the newest release
+    for index, version in enumerate(["v2", "v3"]):
+        released = results["compress.release"][index]
+        assert released["released"] == f"s3://{s3_bucket}/artifacts/released/models/{version}/{DIGEST}"
+        assert _exists(s3_server, s3_bucket, f"artifacts/released/models/{version}/{DIGEST}/manifest.json")
+    latest = read_latest(f"s3://{s3_bucket}/artifacts/released", "models")
+    assert latest["version"] == "v3"
+    marker = f"s3://{s3_bucket}/artifacts/released/{{name}}/{{version}}/{DIGEST}/manifest.json"
+    assert unprocessed_versions(conf["model_registry"], "model.pt", marker) == []
+    with create_session() as session:  # one "compressed model released" event per version
+        asset_id = session.scalar(select(AssetModel.id).where(AssetModel.name == RELEASED_ASSET.name))
+        events = session.scalars(select(AssetEvent).where(AssetEvent.asset_id == asset_id, AssetEvent.source_run_id == run.run_id)).all()
+    assert sorted(e.extra["version"] for e in events) == ["v2", "v3"]
 
 
 def test_nightly_compression_distils_prunes_and_compresses_the_latest_version(dagbag, s3_server, s3_bucket, cache_dir, digits_model) -> None:
     from airflow.models.variable import Variable
 
+    from mnnpipe.airflow.config import path_segment
     from mnnpipe.steps import step_module
 
     _publish_version(s3_server, s3_bucket, "20260101T000000", digits_model)
@@ -162,12 +204,14 @@ def test_nightly_compression_distils_prunes_and_compresses_the_latest_version(da
     assert distilled.student_params < distilled.teacher_params
     pruned = step_module("prune").Result.model_validate(results["prune"])
     assert pruned.model_dump()["artifacts"]["model.pt"]["size"] < distilled.model_dump()["artifacts"]["model.pt"]["size"]
+    run_segment = path_segment(run.run_id)  # each run its own prefix, whatever its logical date
+    assert ":" not in run_segment and "+" not in run_segment and run_segment.startswith("manual__")
     for step in ("distill", "prune", *STEPS):
-        assert results[step]["output"] == f"s3://{s3_bucket}/from-variable/nightly/2026-03-04/{step}"
-        assert _exists(s3_server, s3_bucket, f"from-variable/nightly/2026-03-04/{step}/manifest.json")
+        assert results[step]["output"] == f"s3://{s3_bucket}/from-variable/nightly/{run_segment}/{step}"
+        assert _exists(s3_server, s3_bucket, f"from-variable/nightly/{run_segment}/{step}/manifest.json")
     convert = step_module("convert").Result.model_validate(results["convert"])
     assert convert.source_format == "torchscript"
-    assert convert.artifacts["model.mnn"].uri.endswith("/nightly/2026-03-04/convert/model.mnn")
+    assert convert.artifacts["model.mnn"].uri.endswith(f"/nightly/{run_segment}/convert/model.mnn")
 
 
 def test_training_handoff_publishes_a_version_and_queues_recompression(dagbag, s3_server, s3_bucket, cache_dir) -> None:

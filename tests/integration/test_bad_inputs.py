@@ -76,6 +76,77 @@ def _image_tree(root: Path, classes: int, per_class: int) -> None:
             (root / str(c) / f"{i}.png").write_bytes(_png(rng.integers(0, 256, (8, 8), dtype=np.uint8)))
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height 8-bit gray pixels and holds one empty data chunk: what a
+    decompression bomb looks like to a reader of headers, without building the bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def _npz_declaring(path: Path, shape: tuple[int, ...], dtype: str = "<f4") -> None:
+    """An .npz whose x.npy header declares `shape` but holds no data (never allocated here)."""
+    header = {"descr": dtype, "fortran_order": False, "shape": shape}
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", buf.getvalue())
+
+
+def _mnn_variants(root: Path) -> None:
+    """Truncated and bit-flipped copies of model.mnn, named corrupt_<how>.mnn."""
+    body = (root / "model.mnn").read_bytes()
+
+    def flipped(offset: int) -> bytes:
+        out = bytearray(body)
+        out[offset] ^= 0xFF
+        return bytes(out)
+
+    variants = {
+        "cut8": body[:8],  # the root offset and a little more
+        "cut_half": body[: len(body) // 2],
+        "cut_end20": body[:-20],  # only the last table's tail is missing
+        "cut_end1": body[:-1],
+        "flip_root": flipped(0),  # the offset of the root table
+        "flip_vtable": flipped(4),
+        "flip_first_op": flipped(_first_op_offset(body)),  # the first op table's vtable offset
+        "flip_conv_param": flipped(_conv_param_offset(body)),  # a conv parameter: MNN loads it, cannot run it
+        "flip_conv_loop": flipped(_conv_param_offset(body) + 24),  # another: MNN loads it, then loops ~85 s
+    }
+    for name, data in variants.items():
+        (root / f"corrupt_{name}.mnn").write_bytes(data)
+
+
+def _first_op_offset(body: bytes) -> int:
+    """Where the first op table of the model's `Net.oplists` starts (FlatBuffers: root offset ->
+    Net table -> its vtable -> field 3 (oplists) -> vector of offsets to Op tables)."""
+    import struct
+
+    def u32(at: int) -> int:
+        return struct.unpack_from("<I", body, at)[0]
+
+    net = u32(0)
+    vtable = net - struct.unpack_from("<i", body, net)[0]
+    field = net + struct.unpack_from("<H", body, vtable + 4 + 2 * 3)[0]
+    oplists = field + u32(field)
+    return oplists + 4 + u32(oplists + 4)
+
+
+def _conv_param_offset(body: bytes) -> int:
+    """The offset of a byte inside the last convolution's `Convolution2DCommon` table (found as
+    the int32 run kernelX=1, kernelY=1, strideX=1, strideY=1, ... of the 1x1 classifier conv):
+    flipping a byte makes a dimension ~16 M."""
+    run = (b"\x01\x00\x00\x00" * 5)
+    at = body.find(run)
+    assert at >= 0, "no 1x1 convolution parameters found in model.mnn"
+    return at + 2
+
+
 def _tar_with(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> None:
     with tarfile.open(path, "w:gz" if path.name.endswith("gz") else "w") as tar:
         for info, body in members:
@@ -171,6 +242,19 @@ def assets(tmp_path_factory) -> Assets:
     _image_tree(root / "fake_png", 2, 3)
     (root / "fake_png" / "0" / "broken.png").write_text("<html>404 not found</html>")
     _image_tree(root / "good" / "digits", 3, 10)
+    _image_tree(root / "bomb_folder", 2, 3)
+    (root / "bomb_folder" / "1" / "bomb.png").write_bytes(_png_header_only(20000, 20000))
+
+    # .npz files: a header declaring 64 TiB; labels that are not class indices; a bare .npy; a 0-d x.
+    _npz_declaring(root / "huge.npz", (2**44,))
+    np.savez(a / "huge_label.npz", x=x[:10], y=np.array([0] * 9 + [10**18], np.int64))
+    np.savez(a / "float_labels.npz", x=x[:10], y=np.linspace(0, 1, 10))
+    np.save(root / "bare.npy", x[:10])
+    (root / "bare_npy.npz").write_bytes((root / "bare.npy").read_bytes())
+    np.savez(a / "scalar_x.npz", x=np.array(5, np.uint8))
+    np.savez(a / "no_features.npz", x=np.zeros((20, 0), np.float32), y=np.arange(20) % 2)
+    (root / "empty_file.npz").write_bytes(b"")
+    _mnn_variants(root)
 
     # Archives: good ones, and ones whose members escape or are not plain files.
     with zipfile.ZipFile(root / "good.zip", "w") as z:
@@ -243,7 +327,32 @@ def state_dict(uri: str, **kwargs: Any) -> dict:
     return {"uri": uri, "factory": "mnnpipe.models:digits_cnn", "factory_kwargs": {"width": 0.25, **kwargs}}
 
 
-Build = Callable[[Assets], dict]
+def yaml_text(spec: dict, extra: str = "") -> str:
+    """A spec as YAML text (one JSON line per field, so it stays a block mapping), plus raw lines."""
+    return "".join(f"{k}: {json.dumps(v)}\n" for k, v in spec.items()) + extra
+
+
+def deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+# "billion laughs": ten names, each a list of ten of the one before: 10**10 values when expanded
+ALIAS_BOMB = "l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 10)
+)
+
+
+def bombed_model(a: Assets) -> str:
+    """prune's `model` with the alias bomb as factory_kwargs: a field validation does not walk,
+    so the spec is valid and whatever walks it afterwards (printing, hashing) never ends."""
+    bomb = "".join(f"    {line}\n" for line in ALIAS_BOMB.splitlines())
+    return f"model:\n  uri: {json.dumps(a / 'model.pth')}\n  factory: mnnpipe.models:digits_cnn\n  factory_kwargs:\n{bomb}"
+
+
+HUGE_SAMPLES = [{"name": "input", "shape": [1, 3, 4096, 4096]}]  # 192 MiB each, fine alone
+INF = float("inf")
+
+Build = Callable[[Assets], "dict | str"]
 
 
 def case(step: str, name: str, build: Build, expect: str):
@@ -320,6 +429,33 @@ CASES = [
     case("benchmark", "dataset-archive-absolute-member", lambda a: benchmark_spec(a, inputs=[], dataset=folder(a, "absolute.tar.gz")), "evil_abs.png"),
     case("benchmark", "dataset-y-length-mismatch", lambda a: benchmark_spec(a, inputs=[], dataset=npz(a, "short_y.npz")), "short_y.npz"),
     case("benchmark", "declared-shape-differs-from-dataset", lambda a: benchmark_spec(a, inputs=[{"shape": [1, 3, 8, 8]}], dataset=DIGITS), "inputs"),
+    # ---- issue 13 item 7: hostile sizes, depths, aliases and numbers
+    case("distill", "image-decompression-bomb", lambda a: distill_spec(a, dataset=folder(a, "bomb_folder")), "bomb.png"),
+    case("benchmark", "npz-header-declares-64-tib", lambda a: benchmark_spec(a, inputs=[], dataset=npz(a, "huge.npz")), "huge.npz"),
+    case("benchmark", "npz-label-not-a-class-index", lambda a: benchmark_spec(a, inputs=[], dataset=npz(a, "huge_label.npz")), "huge_label.npz"),
+    case("prune", "npz-float-labels", lambda a: prune_spec(a, evaluation=npz(a, "float_labels.npz")), "float_labels.npz"),
+    case("quantize", "npz-that-is-a-bare-npy", lambda a: quantize_spec(a, evaluation=npz(a, "bare_npy.npz")), "bare_npy.npz"),
+    case("quantize", "npz-with-0d-x", lambda a: quantize_spec(a, calibration=npz(a, "scalar_x.npz")), "scalar_x.npz"),
+    case("distill", "empty-npz-file", lambda a: distill_spec(a, dataset=npz(a, "empty_file.npz")), "empty_file.npz"),
+    case("convert", "spec-nested-50000-deep", lambda a: yaml_text(convert_spec(a), f"tolerance: {deep(50_000)}\n"), "nested deeper than 64"),
+    case("prune", "spec-yaml-alias-bomb", lambda a: yaml_text({k: v for k, v in prune_spec(a).items() if k != "model"}, bombed_model(a)), "aliases"),
+    case("prune", "spec-yaml-recursive-alias", lambda a: yaml_text(prune_spec(a), "loop: &loop [*loop]\n"), "recursive"),
+    case("distill", "spec-int-of-5000-digits", lambda a: yaml_text(distill_spec(a), f"seed: {'1' * 5000}\n"), "a value cannot be read"),
+    case("distill", "spec-over-1-mib", lambda a: yaml_text(distill_spec(a), f"notes: {'x' * (1 << 20)}\n"), "1048576 characters"),
+    case("convert", "input-range-infinite", lambda a: convert_spec(a, inputs=[{"name": "input", "shape": SHAPE, "range": [-INF, INF]}]), "inputs.0.range.0: Input should be a finite number"),
+    case("quantize", "preprocess-mean-nan", lambda a: quantize_spec(a, evaluation={**DIGITS, "preprocess": {**GRAY, "mean": [float("nan")]}}), "evaluation.preprocess.mean.0"),
+    case("benchmark", "preprocess-std-nan", lambda a: benchmark_spec(a, inputs=[], dataset={**DIGITS, "preprocess": {**GRAY, "std": [float("nan")]}}), "dataset.preprocess.std.0"),
+    case("convert", "samples-need-256-gib", lambda a: convert_spec(a, inputs=HUGE_SAMPLES, num_samples=1366), "num_samples (1366) x inputs"),
+    case("benchmark", "timing-inputs-need-768-gib", lambda a: benchmark_spec(a, inputs=HUGE_SAMPLES, batch_sizes=[4096]), "batch_sizes (sum 4096) x inputs"),
+    case("benchmark", "fidelity-inputs-need-1-tib", lambda a: benchmark_spec(a, inputs=HUGE_SAMPLES, reference="m", num_samples=6000), "num_samples (6000) x inputs"),
+    case("benchmark", "int-range-does-not-fit-dtype", lambda a: benchmark_spec(a, inputs=[{"shape": SHAPE, "dtype": "int64", "range": [-1e30, 1e30]}], reference="m"), "inputs.0: range"),
+    case("distill", "seed-beyond-64-bits", lambda a: distill_spec(a, seed=2**64), "seed"),
+    case("benchmark", "npz-samples-without-features", lambda a: benchmark_spec(a, inputs=[], dataset=npz(a, "no_features.npz")), "no_features.npz"),
+    case("benchmark", "dataset-resized-to-450-gib", lambda a: benchmark_spec(a, inputs=[], dataset={**DIGITS, "preprocess": {**GRAY, "size": [8192, 8192]}}), "need 449.2 GiB"),
+    *[
+        case("quantize", f"mnn-{name}", lambda a, name=name: quantize_spec(a, model={"uri": a / f"corrupt_{name}.mnn"}, timeout_s=5), f"corrupt_{name}.mnn: not a loadable .mnn model")
+        for name in ("cut8", "cut_half", "cut_end20", "cut_end1", "flip_root", "flip_vtable", "flip_first_op", "flip_conv_param", "flip_conv_loop")
+    ],
 ]
 # fmt: on
 
@@ -338,9 +474,13 @@ def _restore_logging():
 
 def write_spec(tmp_path: Path, build: Build, assets: Assets) -> tuple[Path, Path]:
     out = tmp_path / "out"
-    spec = {**build(assets), "output": str(out)}
+    spec = build(assets)
+    if isinstance(spec, str):  # YAML text: what a dict cannot hold (aliases, depth, size)
+        path = tmp_path / "spec.yaml"
+        path.write_text(f"output: {json.dumps(str(out))}\n{spec}")
+        return path, out
     path = tmp_path / "spec.json"
-    path.write_text(json.dumps(spec))
+    path.write_text(json.dumps({**spec, "output": str(out)}))
     return path, out
 
 
@@ -404,6 +544,59 @@ def test_process_exit_status_is_2(step, build, expect, assets, tmp_path, cache_d
     assert proc.stdout == ""
     assert published_files(out) == []
     assert not assets.marker.exists()
+
+
+# --------------------------------------------------------------------------- limits `validate` checks too
+
+SPEC_LEVEL_CASES = [
+    p for p in CASES if p.id.split("-", 1)[1] in {
+        "spec-nested-50000-deep", "spec-yaml-alias-bomb", "spec-yaml-recursive-alias", "spec-over-1-mib", "spec-int-of-5000-digits",
+        "input-range-infinite", "preprocess-mean-nan", "preprocess-std-nan", "samples-need-256-gib",
+        "timing-inputs-need-768-gib", "fidelity-inputs-need-1-tib", "int-range-does-not-fit-dtype", "seed-beyond-64-bits",
+    }
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("step, build, expect", SPEC_LEVEL_CASES)
+def test_validate_refuses_what_run_refuses_at_spec_level(step, build, expect, assets, tmp_path, capsys):
+    spec_path, _ = write_spec(tmp_path, build, assets)
+
+    code = main(["validate", step, "--spec", str(spec_path)])
+
+    stdout, stderr = capsys.readouterr()
+    assert code == 2, stderr
+    assert stderr.splitlines() == [stderr.strip()] and stderr.startswith("error: ") and expect in stderr, stderr
+    assert stdout == ""
+
+
+HANG_CASES = [p for p in CASES if p.id in {"prune-spec-yaml-alias-bomb", "convert-spec-nested-50000-deep"}]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("step, build, expect", HANG_CASES)
+def test_hostile_spec_text_is_refused_promptly_by_a_real_process(command, step, build, expect, assets, tmp_path, cache_dir):
+    spec_path, out = write_spec(tmp_path, build, assets)
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "mnnpipe.cli", "-q", command, step, "--spec", str(spec_path)],
+        capture_output=True, text=True, timeout=60,  # the alias bomb hung both commands for good
+    )  # fmt: skip
+
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and expect in proc.stderr, proc.stderr
+    assert published_files(out) == []
+
+
+def test_an_anchor_shared_by_two_fields_is_still_a_valid_spec(assets, tmp_path, capsys):
+    spec = yaml_text({k: v for k, v in quantize_spec(assets).items() if k not in ("calibration", "evaluation")})
+    spec += "calibration: &digits {format: sklearn-digits, preprocess: {channels: GRAY}, limit: 20}\nevaluation: *digits\n"
+    spec_path, _ = write_spec(tmp_path, lambda a: spec, assets)
+
+    code = main(["validate", "quantize", "--spec", str(spec_path)])
+
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert json.loads(stdout)["evaluation"]["limit"] == 20
 
 
 # --------------------------------------------------------------------------- archives

@@ -112,7 +112,7 @@ def test_a_value_that_is_wholly_a_template_is_checked_after_rendering() -> None:
     spec = {**CONVERT_SPEC, "model": {"uri": "{{ ti.xcom_pull(task_ids='train')['model_uri'] }}"}, "num_samples": "{{ params.n }}"}
 
     op = operator_class("convert")(task_id="convert", spec=spec, execution="in_process")
-    op.render_template_fields({"ti": _FakeTI({"model_uri": "s3://models/v1/model.pt"}), "params": {"n": 4}})
+    op.render_template_fields({"ti": _FakeTI({"model_uri": "s3://models/v1/model.pt"}), "params": {"n": 4}, "ds": "2026-01-01", "ds_nodash": "20260101"})
     rendered = op.validated_spec()
 
     assert rendered.model.uri == "s3://models/v1/model.pt"
@@ -247,9 +247,18 @@ def test_kubernetes_mode_renders_a_valid_pod_with_the_step_image_and_command(off
     assert base["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "3Gi"}}
     assert base["env"] == [{"name": "MNNPIPE_S3_ENDPOINT_URL", "value": "http://minio.ml:9000"}]
     assert base["envFrom"] == [{"secretRef": {"name": "mnnpipe-s3"}}]
-    assert base["securityContext"] == {"allowPrivilegeEscalation": False, "runAsNonRoot": True}
-    # the result comes back through the xcom sidecar
-    assert any(c["name"] == "airflow-xcom-sidecar" for c in doc["spec"]["containers"])
+    # Pod Security "restricted", for every container, the pinned xcom sidecar included
+    restricted = {
+        "allowPrivilegeEscalation": False, "runAsNonRoot": True, "runAsUser": 10001,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert all(c["securityContext"] == restricted for c in doc["spec"]["containers"])
+    assert doc["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert doc["spec"]["securityContext"]["runAsNonRoot"] is True
+    # the result comes back through the xcom sidecar, whose image is pinned
+    sidecar = next(c for c in doc["spec"]["containers"] if c["name"] == "airflow-xcom-sidecar")
+    assert sidecar["image"] == "alpine:3.20.3"
+    assert doc["spec"]["activeDeadlineSeconds"] == 600 + 600  # convert's timeout_s, plus the margin
 
 
 def test_no_credential_of_the_worker_reaches_the_pod_spec(offline_kubeconfig: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -394,10 +403,13 @@ class _Vars:
 
 
 class _TIByTask:
+    map_index = 0  # the first instance of a mapped task group
+
     def __init__(self, values: dict[str, dict]) -> None:
         self.values = values
 
-    def xcom_pull(self, task_ids: str) -> dict:
+    def xcom_pull(self, task_ids: str, map_indexes: int = -1) -> dict:
+        assert map_indexes == self.map_index  # pulls from its own instance of the group
         return self.values[task_ids]
 
 
@@ -405,33 +417,92 @@ def test_the_recompress_dag_runs_every_step_in_a_pod_by_default(offline_kubeconf
     pytest.importorskip("airflow.providers.cncf.kubernetes", reason="needs the k8s extra")
     kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="needs the k8s extra")
     from airflow.dag_processing.dagbag import DagBag
+    from kubernetes.client import ApiClient
+
+    from mnnpipe.airflow.pod import MnnStepPodOperator
 
     monkeypatch.delenv("MNNPIPE_AIRFLOW_EXECUTION", raising=False)
     monkeypatch.setenv("MNNPIPE_K8S_NAMESPACE", "compression")
-    monkeypatch.setenv("MNNPIPE_S3_ENDPOINT_URL", "http://minio.compression:9000")
+    monkeypatch.setenv("MNNPIPE_S3_ENDPOINT_URL", "http://127.0.0.1:9000")  # the scheduler's own: never the pod's
+    monkeypatch.setenv("MNNPIPE_K8S_S3_ENDPOINT_URL", "http://minio.compression:9000")
+    monkeypatch.setenv("MNNPIPE_K8S_S3_SECRET", "")  # IRSA: the service account carries the role
+    monkeypatch.setenv("MNNPIPE_K8S_SERVICE_ACCOUNT", "mnnpipe-irsa")
+    monkeypatch.setenv("MNNPIPE_K8S_IMAGE_PULL_POLICY", "Always")
     dag_file = Path(__file__).resolve().parents[2] / "dags" / "mnn_recompress_on_new_model.py"
 
     bag = DagBag(dag_folder=str(dag_file))
     dag = bag.dags["mnn_recompress_on_new_model"]  # get_dag would consult the (absent) database
-    steps = [t for t in dag.tasks if isinstance(t, MnnStepOperator)]
+    steps = [t for t in dag.tasks if isinstance(t, MnnStepPodOperator)]
     mnn = {"artifacts": {"model.mnn": {"uri": "s3://artifacts/v9/convert/model.mnn"}}}
     context = {
         "params": {"model_registry": "s3://models/digits", "artifact_prefix": "s3://artifacts/digits"},
         "var": {"value": _Vars()},
-        "ti": _TIByTask({"wait_for_new_model": {"version": "v9", "model_uri": "s3://models/digits/v9/model.pt"}, "convert": mnn, "quantize": mnn}),
+        "ti": _TIByTask({"compress.version": {"version": "v9", "model_uri": "s3://models/digits/v9/model.pt"}, "compress.convert": mnn, "compress.quantize": mnn}),
     }
 
     assert bag.import_errors == {}
-    assert [t.task_id for t in steps] == ["convert", "quantize", "benchmark"]
+    assert [t.task_id for t in steps] == ["compress.convert", "compress.quantize", "compress.benchmark"]
     for op in steps:
         op.render_template_fields(context)
-        doc = _rendered_pod(op)
+        op.prepare()
+        doc = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(context=None))
         kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
         base = next(c for c in doc["spec"]["containers"] if c["name"] == "base")
         spec = step_module(op.step).Spec.model_validate_json(base["args"][3])
 
-        assert op.execution == "kubernetes"
+        assert op.deferrable is True  # waits in the triggerer, not in a worker slot
         assert doc["metadata"]["namespace"] == "compression"
-        assert base["envFrom"] == [{"secretRef": {"name": "mnnpipe-s3"}}]
-        assert {"name": "MNNPIPE_S3_ENDPOINT_URL", "value": "http://minio.compression:9000"} in base["env"]
+        assert doc["spec"]["serviceAccountName"] == "mnnpipe-irsa"
+        assert base["imagePullPolicy"] == "Always"
+        assert not base.get("envFrom")  # no Secret at all, not a secretRef with an empty name
+        assert base["env"] == [{"name": "MNNPIPE_S3_ENDPOINT_URL", "value": "http://minio.compression:9000"}]
+        assert doc["spec"]["activeDeadlineSeconds"] == int(spec.timeout_s) + 600
         assert spec.output == f"s3://artifacts/digits/versions/v9/{op.step}"
+
+
+def test_run_ids_become_distinct_safe_path_segments() -> None:
+    from mnnpipe.airflow.config import path_segment
+
+    manual = path_segment("manual__2026-11-30T04:05:06.123456+00:00")
+    scheduled = path_segment("scheduled__2026-11-30T02:00:00+00:00")
+
+    assert manual == "manual__2026-11-30T04-05-06.123456-00-00"
+    assert scheduled != manual and ":" not in scheduled and "+" not in scheduled
+    assert path_segment("../..") == "run"  # never a path that climbs out of its prefix
+
+
+def test_a_step_summary_is_one_line_of_its_headline_metrics() -> None:
+    from mnnpipe.airflow.operators import summary_line
+    from mnnpipe.specs import StepResult
+
+    result = StepResult(
+        kind="quantize",
+        output="s3://out/quantize",
+        metrics={"step_seconds": 1.25, "size_ratio": 0.33, "cosine": 0.99991, "accuracy": 0.981, "calibration_samples": 64.0},
+    )
+
+    line = summary_line("quantize", result)
+
+    # size, fidelity, accuracy, time; counts that say nothing about the model are left out
+    assert line == "quantize summary: size_ratio=0.33 cosine=0.99991 accuracy=0.981 step_seconds=1.25 -> s3://out/quantize"
+
+
+def test_a_step_running_in_the_worker_is_never_silent_for_long() -> None:
+    import time
+
+    from mnnpipe.airflow.operators import heartbeat
+
+    class Log:
+        lines: list[str] = []
+
+        def info(self, msg: str, *args) -> None:
+            self.lines.append(msg % args)
+
+    log = Log()
+    with heartbeat(log, "quantize", every=0.05):
+        time.sleep(0.3)
+    count = len(log.lines)
+    time.sleep(0.15)
+
+    assert count >= 3 and all(line.startswith("quantize still running (") for line in log.lines)
+    assert len(log.lines) == count  # stops with the step

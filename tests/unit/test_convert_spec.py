@@ -74,7 +74,7 @@ def test_bad_weight_options_name_the_field(weights, message):
         ({"model": {"uri": "m/model.mnn"}}, "model: convert takes a torch or ONNX model"),
         ({"inputs": []}, "inputs: List should have at least 1 item"),
         ({"inputs": [{"name": "a", "shape": [1, 3]}, {"name": "a", "shape": [1, 3]}]}, "inputs: input names must be unique"),
-        ({"inputs": [{"shape": [1, 0, 8, 8]}]}, "inputs.0.shape: shape dimensions must be in"),
+        ({"inputs": [{"shape": [1, 0, 8, 8]}]}, "inputs.0.shape: shape dimensions must be >= 1"),
         (
             {"inputs": [{"name": "a", "shape": [1, 3]}, {"name": "b", "shape": [1, 3]}], "samples": {"format": "sklearn-digits"}},
             "samples (a dataset) can feed only a single-input model",

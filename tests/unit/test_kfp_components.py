@@ -130,6 +130,24 @@ def test_launcher_binds_artifact_uri_over_uri_parameter_and_fills_list_items():
     assert data["output"] == "s3://store/run/convert"
 
 
+def test_several_models_are_wired_side_by_side_into_a_model_list():
+    from mnnpipe.errors import SpecError
+    from mnnpipe.kfp.interface import step_interface
+    from mnnpipe.kfp.launcher import ArtifactRef, bind_spec
+
+    iface = step_interface("benchmark")
+    fp32 = ArtifactRef(uri="", path="", metadata={"mnnpipe_uri": "s3://store/convert/model.mnn", "format": "mnn"})
+    int8 = ArtifactRef(uri="", path="", metadata={"mnnpipe_uri": "s3://store/quantize/model.mnn", "format": "mnn"})
+    spec = {"models": [{"label": "fp32", "model": {}}, {"label": "int8", "model": {}}, {"label": "source", "model": {"uri": "s3://m/1/model.pt"}}]}
+
+    data = bind_spec(spec, ref_fields=iface.ref_inputs, artifacts={"models_item0": fp32, "models_item1": int8}, uris={}, item_inputs=iface.item_inputs)
+
+    assert [m["model"]["uri"] for m in data["models"]] == ["s3://store/convert/model.mnn", "s3://store/quantize/model.mnn", "s3://m/1/model.pt"]
+    assert {"models_item0", "models_item1", "models_item2", "models_item3"} <= {name for name, *_ in iface.item_inputs}
+    with pytest.raises(SpecError, match=r"models_item3: an artifact is connected for item 3 of spec.models, which has 3 item\(s\)"):
+        bind_spec(spec, ref_fields=iface.ref_inputs, artifacts={"models_item3": int8}, uris={}, item_inputs=iface.item_inputs)
+
+
 def test_container_launcher_reads_executor_input_and_writes_executor_output(tmp_path):
     # Arrange: an executor input as KFP's backend renders it for '{{$}}'.
     from mnnpipe.kfp.launcher import run_executor_input
@@ -159,6 +177,28 @@ def test_container_launcher_reads_executor_input_and_writes_executor_output(tmp_
     assert seen["output_uri"] == "s3://b/run/convert" and seen["uris"] == {}
     written = json.loads(out_file.read_text())
     assert written["artifacts"]["metrics"]["artifacts"][0]["metadata"] == {"accuracy": 0.9}
+
+
+def test_typed_parameters_beside_the_json_spec_override_its_fields(tmp_path):
+    from mnnpipe.kfp.components import component_interface, make_component
+    from mnnpipe.kfp.launcher import run_executor_input
+
+    seen = {}
+
+    def fake_launch(step, spec, **kw):
+        from mnnpipe.specs import StepResult
+
+        seen.update(spec=spec)
+        return StepResult(kind=step), {}
+
+    params = {"spec": json.dumps({"num_samples": 8, "opset": 17}), "num_samples": 3, "output_uri": "s3://b/c"}  # opset unset: kept
+    run_executor_input("convert", {"inputs": {"parameterValues": params}, "outputs": {}}, launch_fn=fake_launch)
+
+    assert seen["spec"] == {"num_samples": 3, "opset": 17}
+    settings = dict(component_interface("quantize").settings)
+    assert settings["max_accuracy_drop"] == "float" and settings["mode"] == "str" and settings["calibration_samples"] == "int"
+    inputs = make_component("quantize").component_spec.inputs
+    assert inputs["max_accuracy_drop"].type == "Float" and inputs["max_accuracy_drop"].optional
 
 
 def test_gate_budget_checks_drop_and_floor():
