@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -312,11 +313,53 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+#: Process-wide settings steps change (torch.load's weights-only switch is read at each call).
+_ENV_SETTINGS = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",)
+
+
+@contextmanager
+def _process_settings_kept() -> Iterator[None]:
+    """Put back what a step changes for the whole process: torch's deterministic-algorithms mode
+    and thread count, and _ENV_SETTINGS. An in-process run (an Airflow worker, a notebook) then
+    leaves its host as it found it. When torch was not imported before the step, its modes go
+    back to torch's defaults (not deterministic); its thread count stays what torch chose."""
+    env = {name: os.environ.get(name) for name in _ENV_SETTINGS}
+    torch_before = sys.modules.get("torch")
+    if torch_before is not None:
+        torch_state = (
+            torch_before.are_deterministic_algorithms_enabled(),
+            torch_before.is_deterministic_algorithms_warn_only_enabled(),
+            torch_before.get_num_threads(),
+        )
+    try:
+        yield
+    finally:
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            if torch_before is not None:
+                deterministic, warn_only, threads = torch_state
+                torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
+            else:
+                torch.use_deterministic_algorithms(False)
+
+
 def run_step(step: str, spec: StepSpec | dict[str, Any], *, use_cache: bool = True, quiet: bool = False) -> StepResult:
     """Validate the spec, fetch and digest inputs, serve from cache or run, publish. The one entry point."""
     module = step_module(step)
     if not isinstance(spec, StepSpec):
         spec = parse_spec(step, spec)
+    with _process_settings_kept():
+        return _run(step, module, spec, use_cache=use_cache, quiet=quiet)
+
+
+def _run(step: str, module: Any, spec: StepSpec, *, use_cache: bool, quiet: bool) -> StepResult:
     started_at = _now()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"mnnpipe-{step}-") as tmp, OutputLock(spec.output):
@@ -325,12 +368,19 @@ def run_step(step: str, spec: StepSpec | dict[str, Any], *, use_cache: bool = Tr
         for uri in input_refs(spec):
             ctx.local(uri)
         key = cache_key(step, spec, ctx.input_digests)
-        if use_cache:
+        if use_cache and getattr(module, "CACHEABLE", True):
             hit = _cached(step, spec, key, module.Result)
             if hit is not None:
                 log.info("cache hit for %s (key %s): skipped the work", step, key[:12])
-                return hit
+                return _after_publish(module, spec, hit)
         log.info("running %s -> %s", step, spec.output)
         result = module.run(spec, ctx)
         result.metrics.setdefault("step_seconds", round(time.perf_counter() - t0, 3))
-        return publish(step, spec, result, ctx.outdir, ctx.input_digests, key, started_at)
+        return _after_publish(module, spec, publish(step, spec, result, ctx.outdir, ctx.input_digests, key, started_at))
+
+
+def _after_publish(module: Any, spec: StepSpec, result: StepResult) -> StepResult:
+    """A step's `after_publish(spec, result)` hook, if it has one: what may happen only once the
+    output's manifest exists (the gate moves `latest.json` to the release). Under the output lock."""
+    hook = getattr(module, "after_publish", None)
+    return hook(spec, result) if hook is not None else result

@@ -204,3 +204,13 @@ def confine(writable: Sequence[str | os.PathLike[str]], mode: str | None = None)
     if mode == "required" and not result.complete:
         raise ConfinementError(f"{ENV}=required but this process cannot be confined: {'; '.join(result.missing)}")
     return result
+
+
+def check_confine_policy() -> None:
+    """An invalid MNNPIPE_CONFINE is a configuration error (exit 2), found before any child starts."""
+    from .errors import SpecError
+
+    try:
+        policy()
+    except ConfinementError as exc:
+        raise SpecError(str(exc)) from None

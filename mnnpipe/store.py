@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -543,10 +542,6 @@ def iter_files(root: Path) -> Iterator[Path]:
     for path in sorted(root.rglob("*")):
         if path.is_file():
             yield path
-
-
-def staging_dir(prefix: str = "mnnpipe-") -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix))
 
 
 # --------------------------------------------------------------------------- output lock

@@ -29,7 +29,7 @@ from kubernetes.client import models as k8s
 
 from ..container import resolve_image, step_command
 from ..errors import InputError, SpecError
-from .operators import DEFAULT_RESOURCES, POD_RESULT_PATH, PULL_POLICIES, _check_env, _check_resources, has_templates, operator_class_name, spec_dict, summary_line
+from .common import DEFAULT_RESOURCES, POD_RESULT_PATH, PULL_POLICIES, _check_env, _check_resources, has_templates, operator_class_name, spec_dict, summary_line
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

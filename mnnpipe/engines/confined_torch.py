@@ -26,8 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mnnpipe.engines.runtimes import check_confine_policy, warn_if_unconfined
+from mnnpipe.engines.runtimes import warn_if_unconfined
 from mnnpipe.errors import InputError, MnnpipeError, SpecError, StepFailed, ToolError
+from mnnpipe.sandbox import check_confine_policy
 from mnnpipe.specs import ModelRef
 
 _TAIL = 4

@@ -95,7 +95,7 @@ def _run_tool(tool: str, args: Sequence[str], *, output: Path, timeout_s: float)
     Raises ToolError on a timeout, a nonzero exit, a crash, or when ``output`` is missing or empty
     afterwards (the tools report success even when they wrote nothing).
     """
-    from mnnpipe.engines.runtimes import check_confine_policy
+    from mnnpipe.sandbox import check_confine_policy
 
     check_confine_policy()
     output.unlink(missing_ok=True)  # a stale file must not pass for this run's output
@@ -149,9 +149,13 @@ def convert_onnx_to_mnn(
     weight_quant_block: int = 0,
     hqq: bool = False,
     detect_sparse: bool = False,
+    compression_params: str | os.PathLike[str] | None = None,
     timeout_s: float = 600,
 ) -> str:
     """Convert an ONNX model to .mnn; return the last lines of the converter's log.
+
+    ``compression_params`` (--compressionParamsFile) is an MNN_compression.proto Pipeline, e.g.
+    the int8 scales of a quantization-aware fine-tune (mnnpipe.qat): those layers come out int8.
 
     ``detect_sparse`` (--detectSparseSpeedUp) stores sparse weights compactly; it is the only
     way the converter shrinks a pruned-to-zeros model (see benchmarks/results/prune.md).
@@ -183,6 +187,8 @@ def convert_onnx_to_mnn(
             args.append("--hqq")
     if detect_sparse:
         args.append("--detectSparseSpeedUp")
+    if compression_params is not None:
+        args += ["--compressionParamsFile", str(Path(compression_params).absolute())]
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         lines = _run_tool("mnnconvert", args, output=dst, timeout_s=timeout_s)

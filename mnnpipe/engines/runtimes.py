@@ -36,6 +36,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from mnnpipe.errors import InputError, MnnpipeError, SpecError, StepFailed, ToolError
+from mnnpipe.sandbox import check_confine_policy
 from mnnpipe.specs import ModelRef
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
     "TorchRunner",
     "measure_isolated",
     "open_model",
-    "run_samples",
     "time_runner",
 ]
 
@@ -181,11 +181,6 @@ def open_model(
 
     torch.set_num_threads(int(threads))
     return TorchRunner(load_torch(ref, path), list(input_names or ["input"]))
-
-
-def run_samples(runner: ModelRunner, samples: Sequence[Sequence[np.ndarray]]) -> list[list[np.ndarray]]:
-    """Run each sample (a list of input arrays) and return its outputs."""
-    return [runner.run(s) for s in samples]
 
 
 @dataclass(frozen=True)
@@ -420,16 +415,6 @@ def _shutdown(proc: subprocess.Popen, replies: Any, log: Any, tmp: tempfile.Temp
     replies.close()
     log.close()
     tmp.cleanup()
-
-
-def check_confine_policy() -> None:
-    """An invalid MNNPIPE_CONFINE is a configuration error (exit 2), found before any child starts."""
-    from mnnpipe import sandbox
-
-    try:
-        sandbox.policy()
-    except sandbox.ConfinementError as exc:
-        raise SpecError(str(exc)) from None
 
 
 def warn_if_unconfined(confinement: dict[str, Any]) -> None:

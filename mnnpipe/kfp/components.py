@@ -17,7 +17,6 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from ..container import image_note, resolve_image
-from .gate import CANDIDATE, CANDIDATE_METRICS, GATE, REFERENCE_METRICS, GateSpec
 from .interface import ENVELOPE_FIELDS, OUTPUT_METRICS, OUTPUT_MODEL, OUTPUT_REPORT, StepInterface, setting_fields, step_interface
 
 Form = Literal["container", "lightweight"]
@@ -27,7 +26,7 @@ Form = Literal["container", "lightweight"]
 class ComponentInterface:
     """Inputs and outputs of one generated component."""
 
-    name: str  # step name, or "gate"
+    name: str  # step name
     summary: str
     spec_doc: str  # one line per user-facing spec field
     model_inputs: tuple[str, ...]
@@ -60,17 +59,6 @@ def _field_lines(spec_cls: type, skip: tuple[str, ...]) -> str:
 
 
 def component_interface(name: str) -> ComponentInterface:
-    if name == GATE:
-        return ComponentInterface(
-            name=GATE,
-            summary=GateSpec.__doc__.strip(),
-            spec_doc=_field_lines(GateSpec, ENVELOPE_FIELDS),
-            model_inputs=(CANDIDATE,),
-            metrics_inputs=(CANDIDATE_METRICS, REFERENCE_METRICS),
-            dataset_inputs=(),
-            outputs=(OUTPUT_MODEL, OUTPUT_METRICS, OUTPUT_REPORT),
-            settings=setting_fields(GateSpec),
-        )
     iface: StepInterface = step_interface(name)
     outputs = ((OUTPUT_MODEL,) if iface.produces_model else ()) + (OUTPUT_METRICS, OUTPUT_REPORT)
     return ComponentInterface(
@@ -78,7 +66,7 @@ def component_interface(name: str) -> ComponentInterface:
         summary=iface.summary,
         spec_doc=_field_lines(iface.spec_cls, ENVELOPE_FIELDS),
         model_inputs=iface.model_inputs,
-        metrics_inputs=(),
+        metrics_inputs=iface.metrics_inputs,
         dataset_inputs=iface.dataset_inputs,
         outputs=outputs,
         item_inputs=tuple((name, field, index) for name, field, index, _ in iface.item_inputs),
@@ -115,7 +103,7 @@ def function_source(ci: ComponentInterface, form: Form, image: str) -> str:
     args += [f"{o}: {_OUTPUT_DOCS[o]}" for o in ci.outputs]
     args += [f"{f}: Model for spec field `{f}` (its uri comes from the artifact)." for f in ci.model_inputs]
     args += [f"{f}: Model for item {i} of spec field `{field}` (wire several models side by side)." for f, field, i in ci.item_inputs]
-    args += [f"{f}: Metrics artifact whose values the gate reads." for f in ci.metrics_inputs]
+    args += [f"{f}: Metrics artifact whose values fill spec field `{f}`." for f in ci.metrics_inputs]
     args += [f"{f}: Dataset for spec field `{f}` (its uri comes from the artifact)." for f in ci.dataset_inputs]
     args += [f"{f}_uri: URI for spec field `{f}` when no artifact is connected (e.g. a pipeline parameter)." for f in ci.uri_inputs]
     args.append("output_uri: Prefix (s3:// or path) the step publishes to; overrides the spec's `output`.")
@@ -167,7 +155,7 @@ def _compile_function(source: str, name: str, key: str) -> Any:
 
 
 def make_component(name: str, form: Form = "container", image: str | None = None) -> Any:
-    """The KFP component for a step (or 'gate'): container form for clusters, lightweight for kfp.local.
+    """The KFP component for a step: container form for clusters, lightweight for kfp.local.
 
     `image`: the step image; None takes $MNNPIPE_IMAGE, else the package's default tag.
     """
@@ -293,9 +281,9 @@ def _step_function(name: str) -> Any:
 
 
 def _public_names() -> list[str]:
-    from .recipe import pipeline_steps
+    from .recipe import component_steps
 
-    return [*pipeline_steps(), GATE]
+    return component_steps()
 
 
 # One function per component, made from the same list the generator writes component.yaml for.

@@ -16,15 +16,14 @@ from pathlib import Path
 
 from ..container import DEFAULT_IMAGE
 from .components import component_interface, component_yaml
-from .gate import GATE
 
 PIPELINE_FILE = "pipelines/compress.yaml"
 
 
 def component_names() -> list[str]:
-    from .recipe import pipeline_steps
+    from .recipe import component_steps
 
-    return [*pipeline_steps(), GATE]
+    return component_steps()
 
 
 def component_readme(name: str, image: str) -> str:
@@ -32,14 +31,14 @@ def component_readme(name: str, image: str) -> str:
     inputs = [f"| `spec` | parameter (JSON string) | The {name} spec; validated before the step runs. |"]
     inputs += [f"| `{f}` | Model (optional) | Sets `{f}.uri` in the spec. |" for f in ci.model_inputs]
     inputs += [f"| `{f}` | Model (optional) | Sets the model of item {i} of `{field}`. |" for f, field, i in ci.item_inputs]
-    inputs += [f"| `{f}` | Metrics (optional) | Metrics the gate reads. |" for f in ci.metrics_inputs]
+    inputs += [f"| `{f}` | Metrics (optional) | Sets `{f}` in the spec to the artifact's values. |" for f in ci.metrics_inputs]
     inputs += [f"| `{f}` | Dataset (optional) | Sets `{f}.uri` in the spec. |" for f in ci.dataset_inputs]
     inputs += [f"| `{f}_uri` | parameter (string) | `{f}.uri` when no artifact is connected. |" for f in ci.uri_inputs]
     inputs.append("| `output_uri` | parameter (string) | Overrides the spec's `output` prefix. |")
     inputs += [f"| `{f}` | parameter ({kind}, optional) | Sets the spec's `{f}` (unset keeps it). |" for f, kind in ci.settings]
     types = {"output_model": "Model", "metrics": "Metrics", "report": "Markdown"}
     outputs = [f"| `{o}` | {types[o]} |" for o in ci.outputs]
-    schema = "`python -c 'from mnnpipe.kfp.gate import GateSpec; print(GateSpec.model_json_schema())'`" if name == GATE else f"`mnnpipe schema {name}`"
+    schema = f"`mnnpipe schema {name}`"
     return "\n".join(
         [
             f"# mnnpipe-{name}",

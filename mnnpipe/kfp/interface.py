@@ -2,7 +2,7 @@
 
 A ModelRef field of a Spec becomes a Model artifact input (plus a `<field>_uri` string input for
 URIs that are pipeline parameters); a DatasetRef field becomes a Dataset artifact input (plus
-`<field>_uri`). Nothing here is declared per step: adding a field to a Spec changes the component.
+`<field>_uri`); a `dict[str, float]` field (metric values) becomes a Metrics artifact input. Nothing here is declared per step: adding a field to a Spec changes the component.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..specs import DatasetRef, ModelRef
@@ -28,6 +28,21 @@ MODEL_EXTENSIONS = (".mnn", ".pt", ".pt2", ".pth", ".onnx")
 #: How many items of a model list (benchmark's `models`) get an artifact input of their own,
 #: `<field>_item0` ... : enough to wire fp32 and int8 (and a source, a baseline) side by side.
 LIST_ITEM_INPUTS = 4
+
+
+@dataclass
+class ArtifactRef:
+    """An artifact as the launcher sees it: KFP's URI, the local path and its metadata."""
+
+    uri: str
+    path: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def input_uri(artifact: ArtifactRef) -> str:
+    """The URI a step reads an input artifact from: the producer's published URI in the step
+    store when an mnnpipe component made it (verified against its manifest), else the local path."""
+    return str(artifact.metadata.get("mnnpipe_uri") or artifact.path)
 
 
 def _contains(annotation: Any, cls: type) -> bool:
@@ -52,6 +67,9 @@ class StepInterface:
     #: list fields of items that hold a model (e.g. benchmark's `models: list[ModelUnderTest]`):
     #: field -> the item's ModelRef field. A connected artifact fills every item without a uri.
     model_lists: tuple[tuple[str, str], ...] = ()
+    #: metric-value fields (`dict[str, float]`, e.g. the gate's `candidate_metrics`): each is a
+    #: Metrics artifact input whose values fill the field.
+    metrics_inputs: tuple[str, ...] = ()
 
     @property
     def ref_inputs(self) -> tuple[str, ...]:
@@ -114,6 +132,10 @@ def setting_fields(spec_cls: type) -> tuple[tuple[str, str], ...]:
     )
 
 
+def _is_metric_values(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is dict and typing.get_args(annotation) == (str, float)
+
+
 def step_interface(name: str) -> StepInterface:
     module = step_module(name)
     fields = module.Spec.model_fields
@@ -129,4 +151,5 @@ def step_interface(name: str) -> StepInterface:
         dataset_inputs=datasets,
         produces_model=name not in MEASURE_ONLY,
         model_lists=lists,
+        metrics_inputs=tuple(f for f, info in fields.items() if _is_metric_values(info.annotation)),
     )

@@ -22,15 +22,13 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import SpecError
+from ..errors import InputError, SpecError
 from ..specs import StepResult
-from .interface import MODEL_EXTENSIONS, OUTPUT_METRICS, OUTPUT_MODEL, OUTPUT_REPORT
+from .interface import MODEL_EXTENSIONS, OUTPUT_METRICS, OUTPUT_MODEL, OUTPUT_REPORT, ArtifactRef, input_uri
 from .latest import LATEST, resolve_into
 
 log = logging.getLogger("mnnpipe.kfp")
@@ -39,25 +37,12 @@ log = logging.getLogger("mnnpipe.kfp")
 _LOCAL_MOUNTS = {"gs://": "/gcs/", "minio://": "/minio/", "s3://": "/s3/"}
 
 
-@dataclass
-class ArtifactRef:
-    """An artifact as the launcher sees it: KFP's URI, the local path and its metadata."""
-
-    uri: str
-    path: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
 def local_path_for(uri: str) -> str:
     """The local path KFP's launcher uses for an artifact URI (same rule as kfp.dsl.Artifact.path)."""
     for prefix, mount in _LOCAL_MOUNTS.items():
         if uri.startswith(prefix):
             return mount + uri[len(prefix) :]
     return uri
-
-
-def input_uri(artifact: ArtifactRef) -> str:
-    return str(artifact.metadata.get("mnnpipe_uri") or artifact.path)
 
 
 def bind_spec(
@@ -69,14 +54,15 @@ def bind_spec(
     output_uri: str = "",
     model_lists: tuple[tuple[str, str], ...] = (),
     item_inputs: tuple[tuple[str, str, int, str], ...] = (),
+    metrics_inputs: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The spec dict with wired URIs filled in: an artifact wins over a `<field>_uri` parameter,
     which wins over the URI written in the spec. Other fields of a ref (format, factory,
     preprocess...) come from the spec; a format recorded by the producer fills a missing one.
     A per-item artifact (`models_item1`) sets that item's model; the list's own artifact then
-    fills every item still without a uri."""
+    fills every item still without a uri. A connected Metrics artifact sets its metric-values field."""
     if isinstance(spec_json, str):
-        from ..cli import load_yaml
+        from ..spectext import load_yaml
 
         data = load_yaml(spec_json, "spec") if spec_json.strip() else {}  # within the CLI's size/depth limits
     else:
@@ -107,9 +93,27 @@ def bind_spec(
             data[name] = items
         else:
             data[name] = _with_uri(data.get(name), uri, fmt)
+    for name in metrics_inputs:
+        artifact = artifacts.get(name)
+        if artifact is not None:
+            data[name] = metric_values(artifact, name)
     if output_uri:
         data["output"] = output_uri
     return data
+
+
+def metric_values(artifact: ArtifactRef, label: str) -> dict[str, float]:
+    """The numbers of a Metrics artifact: its metadata (kfp.local, lightweight components), else
+    the JSON object in its file (written by a container component)."""
+    values = {k: v for k, v in (artifact.metadata or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not values and artifact.path and Path(artifact.path).is_file():
+        try:
+            values = json.loads(Path(artifact.path).read_text())
+        except ValueError:
+            raise InputError(f"{label}: {artifact.path} is not a JSON object of metrics") from None
+        if not isinstance(values, dict):
+            raise InputError(f"{label}: {artifact.path} is not a JSON object of metrics")
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _with_uri(ref: Any, uri: str, fmt: str | None) -> dict[str, Any]:
@@ -195,14 +199,8 @@ def launch(
 ) -> tuple[StepResult, dict[str, dict[str, Any]]]:
     """Bind, validate (SpecError before any work), run the step, write the output artifacts."""
     from ..runner import parse_spec, run_step
-    from .gate import GATE
     from .interface import step_interface
 
-    if step == GATE:
-        from .gate import run_gate
-
-        result = run_gate(spec_json, artifacts=artifacts, uris=uris, output_uri=output_uri)
-        return result, write_outputs(step, result, output_paths)
     iface = step_interface(step)
     data = bind_spec(
         spec_json,
@@ -212,6 +210,7 @@ def launch(
         output_uri=output_uri,
         model_lists=iface.model_lists,
         item_inputs=iface.item_inputs,
+        metrics_inputs=iface.metrics_inputs,
     )
     spec = parse_spec(step, data)
     result = run_step(step, spec, use_cache=use_cache, quiet=True)
@@ -227,7 +226,7 @@ def with_settings(spec_json: str | dict[str, Any], settings: dict[str, Any]) -> 
     if not given:
         return spec_json
     if isinstance(spec_json, str):
-        from ..cli import load_yaml
+        from ..spectext import load_yaml
 
         data = load_yaml(spec_json, "spec") if spec_json.strip() else {}
     else:
@@ -238,12 +237,10 @@ def with_settings(spec_json: str | dict[str, Any], settings: dict[str, Any]) -> 
 
 
 def setting_names(step: str) -> set[str]:
-    from .gate import GATE, GateSpec
-    from .interface import setting_fields
     from ..steps import step_module
+    from .interface import setting_fields
 
-    spec_cls = GateSpec if step == GATE else step_module(step).Spec
-    return {name for name, _ in setting_fields(spec_cls)}
+    return {name for name, _ in setting_fields(step_module(step).Spec)}
 
 
 def launch_lightweight(
@@ -313,7 +310,7 @@ def run_executor_input(step: str, executor_input: dict[str, Any], launch_fn: Cal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("step", help=f"The step (or 'gate', or '{LATEST}') to run.")
+    parser.add_argument("step", help=f"The step (or '{LATEST}') to run.")
     parser.add_argument("--executor-input", required=True, help="KFP's executor input JSON ('{{$}}').")
 
 
@@ -325,13 +322,3 @@ def run_from_args(args: argparse.Namespace) -> int:
     run_executor_input(args.step, executor_input)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mnnpipe.kfp.launcher STEP --executor-input '{{$}}'` (same as `mnnpipe kfp-launch`)."""
-    from ..cli import main as cli_main
-
-    return cli_main(["kfp-launch", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

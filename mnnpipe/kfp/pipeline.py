@@ -19,9 +19,8 @@ import json
 from typing import Any, Literal
 
 from ..container import image_note, resolve_image
-from .gate import CANDIDATE, CANDIDATE_METRICS, REFERENCE_METRICS
 from .interface import OUTPUT_METRICS, OUTPUT_MODEL, step_interface
-from .recipe import parse_recipe, pipeline_steps, recipe_digest, section, wired_model_field, wired_value
+from .recipe import RELEASE_STEP, parse_recipe, pipeline_steps, recipe_digest, section, wired_model_field, wired_value
 
 PIPELINE_NAME = "mnnpipe-compress"
 DEFAULT_STORE_PREFIX = "s3://mnnpipe/runs"
@@ -83,7 +82,7 @@ def build_pipeline(
         **{p: "" for p in data_params},
     }
     source = recipe.model.model_dump(mode="json", exclude_unset=True)
-    gate_spec = {**recipe.gate.model_dump(mode="json", exclude_unset=True), "recipe_digest": digest}
+    gate_spec = {**recipe.gate.model_dump(mode="json", exclude_unset=True), "recipe_digest": digest, "move_latest": True}
 
     def compress(*args: Any) -> None:
         p = dict(zip(defaults, args))
@@ -114,14 +113,15 @@ def build_pipeline(
             if iface.produces_model:
                 model_task = task
             metrics_task = task
-        gate = make_component("gate", form, image)(
+        gate = make_component(RELEASE_STEP, form, image)(
             spec=json.dumps(gate_spec, sort_keys=True),
             output_uri=f"{p['release_root']}/{p['model_name']}/{p['model_version']}/{digest}",
-            **{CANDIDATE: model_task.outputs[OUTPUT_MODEL], CANDIDATE_METRICS: metrics_task.outputs[OUTPUT_METRICS]},
+            candidate=model_task.outputs[OUTPUT_MODEL],
+            candidate_metrics=metrics_task.outputs[OUTPUT_METRICS],
             # The model step's own metrics (e.g. quantize's fp32_accuracy) are the gate's reference.
-            **({REFERENCE_METRICS: model_task.outputs[OUTPUT_METRICS]} if metrics_task is not model_task else {}),
+            **({"reference_metrics": model_task.outputs[OUTPUT_METRICS]} if metrics_task is not model_task else {}),
         )
-        with_task_defaults(gate).set_display_name("gate")
+        with_task_defaults(gate).set_display_name(RELEASE_STEP)
 
     compress.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=str) for n, d in defaults.items()]

@@ -19,7 +19,6 @@ from pydantic import Field, ValidationError, create_model
 from ..errors import SpecError
 from ..specs import ModelRef, Strict
 from ..steps import STEP_NAMES
-from .gate import GateSpec, parse_gate_spec
 from .interface import ENVELOPE_FIELDS, StepInterface, step_interface
 
 #: The order steps run in. Convert comes before quantize because MNN's int8 quantizer
@@ -32,6 +31,10 @@ REQUIRED_STEPS = ("convert",)
 HANDS_ON = {"distill": "torchscript", "prune": "torchscript", "convert": "mnn", "quantize": "mnn"}
 _EXT = {"torchscript": ".pt", "torch-export": ".pt2", "state-dict": ".pth", "onnx": ".onnx", "mnn": ".mnn"}
 PLACEHOLDER_BUCKET = "s3://mnnpipe-validation"
+#: The step that ends every pipeline: it releases the last model within the recipe's budget.
+RELEASE_STEP = "gate"
+#: Gate fields the pipeline wires (the candidate model and the metrics it is judged by) or sets.
+GATE_WIRED = ("candidate", "candidate_metrics", "reference_metrics", "recipe_digest", "move_latest")
 
 
 def pipeline_steps() -> tuple[str, ...]:
@@ -45,6 +48,11 @@ def pipeline_steps() -> tuple[str, ...]:
             continue
         out.append(name)
     return tuple(out)
+
+
+def component_steps() -> list[str]:
+    """Every step that gets a KFP component: the pipeline's steps, then the release gate."""
+    return [*pipeline_steps(), RELEASE_STEP]
 
 
 def wired_model_field(iface: StepInterface) -> str | None:
@@ -92,7 +100,7 @@ def recipe_model() -> type:
             fields[step] = (section, Field(description=f"Parameters of the {step} step: {iface.summary}"))
         else:
             fields[step] = (Optional[section], Field(None, description=f"Parameters of the {step} step (omit to skip it): {iface.summary}"))
-    gate = _section_model("GateRecipe", GateSpec, {*ENVELOPE_FIELDS, "recipe_digest"})
+    gate = _section_model("GateRecipe", step_interface(RELEASE_STEP).spec_cls, {*ENVELOPE_FIELDS, *GATE_WIRED})
     fields["gate"] = (gate, Field(description="The release gate: the accuracy budget the compressed model must meet."))
     return create_model("Recipe", __base__=Strict, __doc__="A validated compression recipe for the compress pipeline.", **fields)
 
@@ -110,7 +118,7 @@ def parse_recipe(data: Any, *, model_uri: str = "") -> Any:
         recipe = data
     else:
         if isinstance(data, str):
-            from ..cli import parse_spec_text
+            from ..spectext import parse_spec_text
 
             data = parse_spec_text(data, "recipe")
         try:
@@ -126,13 +134,9 @@ def _validate_full(step: str, data: dict[str, Any]) -> None:
     from ..runner import parse_spec
 
     try:
-        if step == "gate":
-            parse_gate_spec(data)
-        else:
-            parse_spec(step, data)
+        parse_spec(step, data)
     except SpecError as e:
-        message = str(e).removeprefix("gate.")
-        raise SpecError(f"recipe.{step}.{message}") from None
+        raise SpecError(f"recipe.{step}.{e}") from None
 
 
 def recipe_digest(recipe: Any) -> str:
@@ -173,5 +177,12 @@ def step_specs(recipe: Any, *, model_uri: str = "") -> dict[str, dict[str, Any]]
         if step in HANDS_ON:
             upstream_ref = {"uri": f"{PLACEHOLDER_BUCKET}/runs/{step}/model{_EXT[HANDS_ON[step]]}"}
     gate = recipe.gate.model_dump(mode="json", exclude_unset=True)
-    specs["gate"] = {**gate, "output": f"{PLACEHOLDER_BUCKET}/released"}
+    # The benchmark's metrics are wired at run time; the placeholders only let the spec validate.
+    placeholder_metrics = {gate.get("metric", ""): 0.0, **({gate["reference_metric"]: 0.0} if gate.get("reference_metric") else {})}
+    specs[RELEASE_STEP] = {
+        **gate,
+        "candidate": {"uri": upstream_ref["uri"]},
+        "candidate_metrics": placeholder_metrics,
+        "output": f"{PLACEHOLDER_BUCKET}/released",
+    }
     return specs

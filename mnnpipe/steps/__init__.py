@@ -1,4 +1,6 @@
-"""The steps. Each module defines `Spec`, `Result` and a pure `run(spec, ctx) -> Result`.
+"""The steps. Each module defines `Spec`, `Result` and a pure `run(spec, ctx) -> Result`, and may
+define `after_publish(spec, result) -> Result`, which the runner calls once the output is published,
+and `CACHEABLE = False` when its result names its own location (never served from another run's).
 
 Modules are imported only when their step runs, so `mnnpipe schema` or an Airflow scheduler
 parsing a DAG does not pay for torch-heavy imports it does not need.
@@ -12,7 +14,7 @@ from types import ModuleType
 
 from ..errors import SpecError
 
-STEP_NAMES = ("distill", "prune", "quantize", "convert", "benchmark")
+STEP_NAMES = ("distill", "prune", "quantize", "convert", "benchmark", "gate")
 
 
 def step_module(name: str) -> ModuleType:

@@ -24,7 +24,7 @@ import logging
 import posixpath
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -45,10 +45,6 @@ log = logging.getLogger("mnnpipe.distill")
 Architecture = Literal["digits_cnn", "mobilenet_v2", "resnet18"]
 CHECKPOINT_FORMAT = "mnnpipe-distill-checkpoint/1"
 _CHECKPOINT_RE = re.compile(r"^epoch-(\d+)\.pt$")
-
-# Called with the number of completed epochs right after each checkpoint is stored. None in
-# production; tests set it to raise, which simulates a crash between two epochs.
-after_checkpoint: Callable[[int], None] | None = None
 
 
 class Student(Strict):
@@ -269,8 +265,6 @@ def run(spec: Spec, ctx: StepContext) -> Result:
 
     def save_checkpoint(epoch: int, model: nn.Module, state: dict, hist: Any) -> None:
         _store_checkpoint(spec.output, ctx, digest, epoch + 1, model, state, hist)
-        if after_checkpoint is not None:
-            after_checkpoint(epoch + 1)
 
     t0 = time.perf_counter()
     history = fit(
@@ -499,6 +493,21 @@ def _store_checkpoint(output: str, ctx: StepContext, digest: str, completed: int
         n = _checkpoint_epoch(old)
         if n is not None and n < completed:
             store.delete(old)
+
+
+def after_publish(spec: Spec, result: Result) -> Result:
+    """The output is published: its checkpoints (model-sized, outside the manifest, only there to
+    resume a crashed run) go. A crash before this point keeps them for the rerun."""
+    from ..store import local_path, store_for
+
+    prefix = _checkpoint_prefix(spec.output)
+    for uri in _checkpoint_uris(prefix):
+        store_for(uri).delete(uri)
+    if "://" not in prefix or prefix.startswith("file://"):
+        folder = local_path(prefix)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return result
 
 
 def _checkpoint_uris(prefix: str) -> list[str]:

@@ -2,7 +2,9 @@
 
 Modes:
 * `full-int8`: weights AND activations in int8, with MNN's offline quantizer calibrated on a
-  dataset (activation scales by KL / EMA, weights per output channel by MAX_ABS / ADMM).
+  dataset (activation scales by KL / EMA, weights per output channel by MAX_ABS / ADMM). A model
+  with several inputs (`inputs`) is calibrated with every input per sample (MNN's sequence layout).
+* `qat`: int8 after a quantization-aware fine-tune (mnnpipe.qat), scales handed to the converter.
 * `weight-only`: int8/int4 weights stored by the converter, float compute (size only).
 * `fp16`: fp16 weights stored by the converter (size only).
 
@@ -55,9 +57,11 @@ class Spec(StepSpec):
     num_samples: int = Field(
         16, ge=1, le=4096, description="Random inputs the multi-input check (`inputs`) compares the models on."
     )
-    mode: Literal["full-int8", "weight-only", "fp16"] = Field(
+    mode: Literal["full-int8", "qat", "weight-only", "fp16"] = Field(
         "full-int8",
-        description="full-int8: int8 weights and activations (int8 kernels); weight-only: int8/int4 weights "
+        description="full-int8: int8 weights and activations (int8 kernels); qat: the same after a "
+        "quantization-aware fine-tune of a state-dict model on the labelled `calibration` set (recovers what "
+        "post-training int8 loses); weight-only: int8/int4 weights "
         "(`weights.bits`, default 8), float compute; fp16: fp16 weights. weight-only and fp16 go through the "
         "converter and need a torch or ONNX `model`.",
     )
@@ -91,6 +95,8 @@ class Spec(StepSpec):
         description="One int8 scale per output channel. MNN's quantizer only implements per-channel weights; "
         "false is rejected rather than silently ignored.",
     )
+    qat_epochs: int = Field(10, ge=1, le=1000, description="Mode qat: fine-tune epochs over `calibration`.")
+    qat_lr: float = Field(1e-3, gt=0, le=1, description="Mode qat: Adam learning rate of the fine-tune.")
     calibration_samples: int = Field(
         100, ge=1, le=100_000, description="Use at most this many calibration samples (MNN's used_sample_num)."
     )
@@ -153,7 +159,16 @@ class Spec(StepSpec):
 
     @model_validator(mode="after")
     def _mode_fields(self) -> Spec:
-        if self.mode == "full-int8":
+        if self.mode == "qat":
+            if self.model.format != "state-dict":
+                raise ValueError("mode 'qat' fine-tunes the torch model: give a state-dict (.pth) with its factory")
+            if self.calibration is None:
+                raise ValueError("calibration is required for mode 'qat' (the labelled set the fine-tune trains on)")
+            if self.inputs is not None or self.weights is not None or self.skip_layers:
+                raise ValueError("mode 'qat' takes one `input`; inputs, weights and skip_layers do not apply")
+            if self.mixed_precision != "off" or self.sensitivity:
+                raise ValueError("sensitivity and mixed_precision apply to mode full-int8 only")
+        elif self.mode == "full-int8":
             if self.calibration is None and self.inputs is None:
                 raise ValueError("calibration is required for mode 'full-int8' (a DatasetRef to calibrate on)")
             if self.weights is not None:
@@ -453,6 +468,9 @@ def run(spec: Spec, ctx) -> Result:
     table, skip, attempts = None, [], 1
     if spec.mode == "full-int8":
         candidate, ev, skip, table, attempts = _full_int8(spec, ctx, fp32, evaluator)
+    elif spec.mode == "qat":
+        candidate, skip = _qat(spec, ctx, name, shape)
+        ev = evaluator.evaluate(candidate)
     else:
         weights = spec.weights or _default_weights(spec.mode)
         candidate = _to_mnn(spec, ctx, spec.mode, weights)
@@ -463,7 +481,7 @@ def run(spec: Spec, ctx) -> Result:
         raise StepFailed(f"{spec.mode} model misses the budget: {'; '.join(problems)}; nothing published")
 
     ops = op_types(candidate, timeout_s=spec.timeout_s)
-    if spec.mode == "full-int8" and not any(k.endswith("[int8]") for k in ops):
+    if spec.mode in ("full-int8", "qat") and not any(k.endswith("[int8]") for k in ops):
         raise StepFailed(f"the quantizer produced no int8 layers (op types {ops}); nothing published")
     shutil.copyfile(candidate, ctx.outdir / "model.mnn")
     if table is not None:
@@ -564,6 +582,23 @@ def _multi_input_int8(spec: Spec, ctx, fp32: Path) -> tuple[Path, list[str]]:
     quantizer = _Int8Quantizer(spec, fp32, calib.config, ctx.scratch("int8"), evaluator=None)
     path, _ = quantizer.quantize(list(spec.skip_layers))
     return path, list(spec.skip_layers)
+
+
+def _qat(spec: Spec, ctx, name: str, shape: tuple[int, ...]) -> tuple[Path, list[str]]:
+    """Quantization-aware fine-tune on the labelled calibration set, converted with its int8 scales."""
+    from ..calibration import check_matches_input
+    from ..data import load_dataset
+    from ..modelio import load_torch
+    from ..qat import quantize_aware
+
+    assert spec.calibration is not None  # the validator guarantees it
+    ref = spec.calibration
+    train = load_dataset(ref, ctx.local(ref.uri) if ref.uri else None)
+    check_matches_input(train, shape, name, "calibration")
+    model = load_torch(spec.model, ctx.local(spec.model.uri))
+    return quantize_aware(
+        model, train, name, shape, ctx.scratch("qat"), epochs=spec.qat_epochs, lr=spec.qat_lr, seed=spec.seed, timeout_s=spec.timeout_s
+    )
 
 
 def _default_weights(mode: str) -> WeightCompression:

@@ -96,3 +96,15 @@ def test_peers_need_an_onnx_model(converted, tmp_path):
     spec["reference"] = None
     with pytest.raises(SpecError, match="peers: need an fp32 ONNX model"):
         run_step("benchmark", spec)
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("MNNPIPE_MNN_BENCHMARK"), reason="opt-in: set MNNPIPE_MNN_BENCHMARK to a benchmark.out built by scripts/build-mnn.sh")
+def test_source_built_mnn_runtime_times_every_mnn_model(converted, tmp_path, cache_dir):
+    spec = _spec(converted, [], tmp_path / "out")
+    spec["threads"] = [1, 2]
+
+    result = run_step("benchmark", spec)
+
+    assert [(r.label, r.threads) for r in result.mnn_source_built] == [("mnn", 1), ("mnn", 2)]
+    assert all(0 < r.min_ms <= r.avg_ms <= r.max_ms for r in result.mnn_source_built)
+    assert "## MNN built from source" in (tmp_path / "out" / "report.md").read_text()

@@ -1,6 +1,9 @@
 """The distill step end to end on scikit-learn's digits: accuracy floor, artifacts other steps can
 load, the teacher-logits cache, determinism, crash and resume, TorchScript and feature KD, bad input."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +57,19 @@ def spec(teacher_path, output, **overrides):
     }
     data.update(overrides)
     return data
+
+
+def crash_after_checkpoint(monkeypatch, epoch):
+    """Simulate a crash right after the checkpoint of `epoch` is stored."""
+    store = distill._store_checkpoint
+
+    def store_then_crash(output, ctx, digest, completed, *args):
+        store(output, ctx, digest, completed, *args)
+        if completed == epoch:
+            raise RuntimeError(f"simulated crash after epoch {epoch}")
+
+    monkeypatch.setattr(distill, "_store_checkpoint", store_then_crash)
+    return lambda: monkeypatch.setattr(distill, "_store_checkpoint", store)  # no more crashes
 
 
 def state_of(path):
@@ -110,16 +126,12 @@ def test_crash_then_rerun_resumes_from_checkpoint_and_matches_uninterrupted_run(
     params = {"training": {"epochs": 4, "lr": 3e-3}, "student": {"architecture": "digits_cnn", "width": 0.25}}
     uninterrupted = run_step("distill", spec(teacher_path, tmp_path / "clean", **params), quiet=True)
 
-    def crash(completed):
-        if completed == 2:
-            raise RuntimeError("simulated crash after epoch 2")
-
-    monkeypatch.setattr(distill, "after_checkpoint", crash)
+    heal = crash_after_checkpoint(monkeypatch, epoch=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_step("distill", spec(teacher_path, tmp_path / "out", **params), use_cache=False, quiet=True)
     assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["epoch-2.pt"]
     assert not (tmp_path / "out" / "manifest.json").exists()
-    monkeypatch.setattr(distill, "after_checkpoint", None)
+    heal()
 
     resumed = run_step("distill", spec(teacher_path, tmp_path / "out", **params), use_cache=False, quiet=True)
 
@@ -129,23 +141,27 @@ def test_crash_then_rerun_resumes_from_checkpoint_and_matches_uninterrupted_run(
     a, b = state_of(tmp_path / "clean" / "student.pth"), state_of(tmp_path / "out" / "student.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.student_accuracy == uninterrupted.student_accuracy
+    # published: the checkpoints (model-sized, outside the manifest) are gone
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "clean" / "checkpoints").exists()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()} <= {
+        *manifest["artifacts"], "manifest.json", "result.json", ".mnnpipe.lock"
+    }
 
 
 def test_checkpoint_of_a_different_spec_is_not_resumed(teacher_path, tmp_path, cache_dir, monkeypatch):
     params = {"student": {"architecture": "digits_cnn", "width": 0.25}}
 
-    def crash(completed):
-        raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(distill, "after_checkpoint", crash)
+    heal = crash_after_checkpoint(monkeypatch, epoch=1)
     with pytest.raises(RuntimeError):
         run_step("distill", spec(teacher_path, tmp_path / "out", training={"epochs": 3}, **params), quiet=True)
-    monkeypatch.setattr(distill, "after_checkpoint", None)
+    heal()
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["epoch-1.pt"]
 
     result = run_step("distill", spec(teacher_path, tmp_path / "out", training={"epochs": 3, "lr": 5e-3}, **params), quiet=True)
 
     assert result.resumed_from_epoch is None
-    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["epoch-3.pt"]
+    assert result.epochs_run == 3
 
 
 def test_pruned_torchscript_student_is_fine_tuned(teacher_path, tmp_path, cache_dir):
@@ -225,10 +241,54 @@ def test_checkpoints_and_teacher_logits_live_in_s3_for_an_s3_output(teacher_path
     output = f"s3://{s3_bucket}/runs/distill"
     params = {"student": {"architecture": "digits_cnn", "width": 0.25}, "training": {"epochs": 2}}
 
+    heal = crash_after_checkpoint(monkeypatch, epoch=1)
+    with pytest.raises(RuntimeError):
+        run_step("distill", spec(teacher_path, output, **params), quiet=True)
+    heal()
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert "runs/distill/checkpoints/epoch-1.pt" in keys
+
     result = run_step("distill", spec(teacher_path, output, **params), quiet=True)
 
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
-    assert "runs/distill/checkpoints/epoch-2.pt" in keys
+    assert not any(k.startswith("runs/distill/checkpoints/") for k in keys)  # removed once published
+    assert result.resumed_from_epoch == 1
     assert "runs/distill/model.pt" in keys and "runs/distill/manifest.json" in keys
     assert sum(k.startswith(".mnnpipe-cache/teacher-logits/") for k in keys) == 2
     assert result.artifacts["model.pt"].uri == f"{output}/model.pt"
+
+
+def torch_and_env_settings():
+    return (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_num_threads(),
+        os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD"),
+    )
+
+
+def test_an_in_process_run_leaves_torch_and_the_environment_as_it_found_them(teacher_path, tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0")
+    torch.use_deterministic_algorithms(False)
+    torch.set_num_threads(2)
+    before = torch_and_env_settings()
+    try:
+        params = {"student": {"architecture": "digits_cnn", "width": 0.25}, "training": {"epochs": 1}}
+        run_step("distill", spec(teacher_path, tmp_path / "out", **params), quiet=True)  # seeds: deterministic mode on
+        after = torch_and_env_settings()
+    finally:
+        torch.set_num_threads(1)
+    assert after == before
+
+
+def test_what_a_step_changes_for_the_process_is_put_back_even_when_it_fails(monkeypatch):
+    from mnnpipe.runner import _process_settings_kept
+
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
+    before = torch_and_env_settings()
+    with pytest.raises(RuntimeError), _process_settings_kept():
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_num_threads(3)
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        raise RuntimeError("the step failed")
+    assert torch_and_env_settings() == before

@@ -201,12 +201,15 @@ def test_typed_parameters_beside_the_json_spec_override_its_fields(tmp_path):
     assert inputs["max_accuracy_drop"].type == "Float" and inputs["max_accuracy_drop"].optional
 
 
-def test_gate_budget_checks_drop_and_floor():
-    from mnnpipe.kfp.gate import GateSpec, evaluate
+def test_gate_budget_checks_drop_in_percentage_points_and_floor():
+    from mnnpipe.steps.gate import Spec, evaluate
 
-    spec = GateSpec(output="s3://bucket/released/x", metric="candidate/top1", reference_metric="fp32_accuracy", max_drop=0.01, min_value=0.5)
-
-    assert evaluate(spec, {"candidate/top1": 0.95}, {"fp32_accuracy": 0.955})[3] == []
-    assert evaluate(spec, {"candidate/top1": 0.90}, {"fp32_accuracy": 0.955})[3] != []
-    low = GateSpec(output="s3://bucket/r", metric="m", min_value=0.5)
-    assert evaluate(low, {"m": 0.4}, {})[3] != []
+    base = {"output": "s3://bucket/released/x", "candidate": {"uri": "s3://bucket/runs/m.mnn"}}
+    spec = Spec(**base, metric="candidate/top1", reference_metric="fp32_accuracy", max_drop=1.0, min_value=0.5,
+                candidate_metrics={"candidate/top1": 0.95}, reference_metrics={"fp32_accuracy": 0.955})
+    value, ref, drop, problems = evaluate(spec)
+    assert problems == [] and abs(drop - 0.5) < 1e-9  # 0.5 points of top-1, within 1 point
+    over = spec.model_copy(update={"candidate_metrics": {"candidate/top1": 0.94}})
+    assert evaluate(over)[3] != []  # 1.5 points worse
+    low = Spec(**base, metric="m", min_value=0.5, candidate_metrics={"m": 0.4})
+    assert evaluate(low)[3] != []

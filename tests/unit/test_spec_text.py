@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mnnpipe import cli
+from mnnpipe import cli, spectext
 from mnnpipe.cli import apply_override, load_spec_file, load_yaml, parse_spec_text
 from mnnpipe.errors import SpecError
 from mnnpipe.kfp.launcher import bind_spec
@@ -26,7 +26,7 @@ def test_nesting_up_to_the_limit_parses_and_one_more_level_is_refused():
 
 
 def test_aliases_are_counted_as_what_they_expand_to(monkeypatch):
-    monkeypatch.setattr(cli, "SPEC_MAX_NODES", 1000)
+    monkeypatch.setattr(spectext, "SPEC_MAX_NODES", 1000)
     assert set(load_yaml(laughs(2), "s")) == {"l0", "l1"}  # l0: 11 nodes, l1: 1 + 10 * 11, with keys 125: fine
 
     with pytest.raises(SpecError, match=r"^s: more than 1000 values once YAML aliases are expanded"):
@@ -44,7 +44,8 @@ def test_a_recursive_alias_is_refused():
 
 
 def test_a_spec_file_over_the_size_limit_is_refused_without_reading_all_of_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "SPEC_MAX_BYTES", 100)
+    monkeypatch.setattr(spectext, "SPEC_MAX_BYTES", 100)
+    monkeypatch.setattr(cli, "SPEC_MAX_BYTES", 100)  # how much of the file the CLI reads
     path = tmp_path / "big.yaml"
     path.write_text("notes: " + "x" * 1000 + "\n")
 
