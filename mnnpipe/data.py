@@ -1,8 +1,9 @@
 """Datasets: an image folder (one sub-folder per class), `.npz` arrays, or scikit-learn's digits.
 
 Whatever the source, a dataset becomes `Dataset(x, y, classes, raw)`: `x` float32 in the model's
-layout after preprocessing, `y` int64 labels (or None), and `raw` the uint8 HWC images before
-normalisation (what MNN's calibration tool reads), when the samples are images.
+layout after preprocessing (npz arrays that are not images are kept as stored: float N-D tensors
+as float32, integer token ids unchanged), `y` int64 labels (or None), and `raw` the uint8 HWC
+images before normalisation (what MNN's calibration tool reads), when the samples are images.
 """
 
 from __future__ import annotations
@@ -78,12 +79,27 @@ def load_dataset(ref: DatasetRef, local: Path | None = None) -> Dataset:
     raw = raw[idx]
     y = None if y is None else y[idx]
     _check_memory(raw.shape, ref.preprocess, ref.uri or ref.format)
+    if _is_tensor_data(raw):  # model inputs as stored: float N-D tensors, sequences, token ids
+        if ref.preprocess != Preprocess():
+            raise InputError(
+                f"{ref.uri or ref.format}: preprocess applies to uint8 images and 2-D float features; these {raw.dtype} "
+                f"samples of shape {list(raw.shape[1:])} are fed to the model as stored: remove preprocess"
+            )
+        return Dataset(raw if raw.dtype.kind in "iu" else raw.astype(np.float32), y, classes, None)
     if raw.ndim == 2:  # (N, features): only scale/mean/std apply
         p = ref.preprocess
         x = ((raw.astype(np.float32) / p.scale) - p.mean[0]) / p.std[0]
         return Dataset(x.astype(np.float32), y, classes, None)
     images = _resize_and_convert(raw, ref.preprocess, ref.uri or ref.format)
     return Dataset(normalize(images, ref.preprocess), y, classes, images)
+
+
+def _is_tensor_data(raw: np.ndarray) -> bool:
+    """Samples that are not images: integers other than uint8 (token ids stay integers: a float
+    cast breaks an int64 input), and float arrays of rank 3 or more (NCHW tensors, sequences)."""
+    if raw.dtype.kind in "iu":
+        return raw.dtype != np.uint8
+    return raw.dtype.kind == "f" and raw.ndim >= 3
 
 
 def _check_memory(raw_shape: tuple[int, ...], p: Preprocess, label: str) -> None:

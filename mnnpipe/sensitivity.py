@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .verify import Fidelity
+
 QUANTIZABLE_OPS = ("Convolution", "ConvolutionDepthwise")  # the op types MNN's quantizer makes int8
 
 
@@ -27,6 +29,7 @@ class Evaluation(BaseModel):
     accuracy: float | None = Field(None, description="Top-1 accuracy (0-1) on labelled data; None when unlabelled.")
     accuracy_drop_pp: float | None = Field(None, description="fp32 accuracy minus this accuracy, in percentage points.")
     top1_agreement: float | None = Field(None, description="Share of samples whose argmax equals the fp32 model's.")
+    fidelity: Fidelity | None = Field(None, description="Every output metric measured against the fp32 model, for its output kind.")
 
 
 class LayerSensitivity(BaseModel):

@@ -173,7 +173,8 @@ class DatasetRef(Strict):
     """A labelled (or unlabelled) dataset and the preprocessing that turns it into model inputs."""
 
     format: DatasetFormat = Field(
-        description="image-folder: one sub-folder per class; npz: arrays `x` (and `y`); "
+        description="image-folder: one sub-folder per class; npz: arrays `x` (and `y`): uint8 images, 2-D features, "
+        "or model inputs fed as stored (float tensors of rank 3+, integer token ids kept as integers); "
         "sklearn-digits: the 8x8 handwritten digits shipped with scikit-learn (demo set)."
     )
     uri: str | None = Field(None, description="Folder, .npz or archive URI; not used by sklearn-digits.")
@@ -262,12 +263,27 @@ def check_sample_memory(total: int, what: str) -> None:
         )
 
 
+OutputKind = Literal["classification", "embedding", "dense", "other"]
+
+
 class Tolerance(Strict):
     """How close a converted or compressed model must stay to its source."""
 
+    output_kind: OutputKind = Field(
+        "classification",
+        description="What the model outputs, which picks the agreement the gate checks: classification (logits: "
+        "top-1 agreement per sample), embedding (vectors: nearest-neighbour agreement among the samples), dense "
+        "(maps [C, H, W]: per-pixel argmax agreement over channels), other (cosine and max abs error only).",
+    )
     max_abs_error: float | None = Field(1e-3, ge=0, description="Largest allowed |a-b| over all outputs; None: unchecked.")
     min_cosine: float = Field(0.999, ge=-1, le=1, description="Smallest allowed cosine similarity of flattened outputs.")
-    min_top1_agreement: float = Field(0.99, ge=0, le=1, description="Smallest allowed fraction of samples with equal argmax.")
+    min_top1_agreement: float = Field(
+        0.99,
+        ge=0,
+        le=1,
+        description="Smallest allowed agreement for the output kind: samples with equal argmax (classification), "
+        "samples with the same nearest neighbour (embedding), pixels with equal argmax (dense); unused for other.",
+    )
 
 
 class StepSpec(Strict):

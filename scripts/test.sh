@@ -4,7 +4,7 @@
 # Airflow dag.test). Extra arguments go to pytest, e.g. `bash scripts/test.sh tests/unit -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup-env.sh .venv kfp,airflow,k8s,dev
+bash scripts/setup-env.sh .venv kfp,airflow,k8s,peers,dev
 export PATH="$PWD/.venv/bin:$PATH"  # the `mnnpipe` console script, as in the step image
 set +e
 .venv/bin/python -m pytest "$@"

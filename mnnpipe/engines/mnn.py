@@ -40,6 +40,7 @@ __all__ = [
     "op_types",
     "parse_debug_distances",
     "quantize_int8",
+    "quantizer_blockers",
 ]
 
 _WORKER = Path(__file__).with_name("_mnn_worker.py")

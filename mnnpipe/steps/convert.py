@@ -128,7 +128,8 @@ class Spec(StepSpec):
     num_samples: int = Field(8, ge=1, le=4096, description="How many sample inputs the .mnn and the source model are compared on.")
     tolerance: Tolerance = Field(
         default_factory=Tolerance,
-        description="How close the .mnn must stay to the source model. Defaults fit fp32; loosen them yourself for fp16/low-bit weights.",
+        description="How close the .mnn must stay to the source model. Defaults fit fp32; loosen them yourself for fp16/low-bit weights. "
+        "Set output_kind for outputs that are not class logits (dense maps, embeddings).",
     )
     timeout_s: float = Field(600, gt=0, le=86400, description="Time limit for the MNN converter (seconds).")
 
@@ -293,15 +294,9 @@ def _onnx_inputs(path: Path, spec: Spec) -> list[TensorSpec]:
 
 
 def _worst(per_output: dict[str, Fidelity]) -> Fidelity:
-    fids = list(per_output.values())
-    top1 = [f.top1_agreement for f in fids if f.top1_agreement is not None]
-    return Fidelity(
-        samples=fids[0].samples,
-        max_abs_error=max(f.max_abs_error for f in fids),
-        mean_rel_error=max(f.mean_rel_error for f in fids),
-        cosine=min(f.cosine for f in fids),
-        top1_agreement=min(top1) if top1 else None,
-    )
+    from ..verify import worst
+
+    return worst(list(per_output.values()))
 
 
 def _per_sample_rows(outputs: list[list[np.ndarray]], k: int) -> list[np.ndarray]:
@@ -338,7 +333,8 @@ def _convert_and_compare(
     if len(produced[0]) != len(reference[0]):
         raise ToolError(f"the .mnn returns {len(produced[0])} outputs, the source model {len(reference[0])}")
     per_output = {
-        name: compare(_per_sample_rows(reference, k), _per_sample_rows(produced, k)) for k, name in enumerate(output_names)
+        name: compare(_per_sample_rows(reference, k), _per_sample_rows(produced, k), spec.tolerance.output_kind)
+        for k, name in enumerate(output_names)
     }
     return candidate, log, per_output
 
@@ -450,8 +446,9 @@ def run(spec: Spec, ctx: Any) -> Result:
         "mean_rel_error": fidelity.mean_rel_error,
         "cosine": fidelity.cosine,
     }
-    if fidelity.top1_agreement is not None:
-        metrics["top1_agreement"] = fidelity.top1_agreement
+    for name in ("top1_agreement", "top5_agreement", "neighbour_agreement", "pixel_agreement", "mean_iou"):
+        if getattr(fidelity, name) is not None:
+            metrics[name] = getattr(fidelity, name)
     return Result(
         source_format=spec.model.format,
         source_bytes=source_bytes,

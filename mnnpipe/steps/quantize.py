@@ -11,18 +11,22 @@ Modes:
 Every mode measures the result in MNN's runtime against the fp32 .mnn on the evaluation set and
 fails (StepFailed, nothing published) when the accuracy drop exceeds `max_accuracy_drop`.
 `mixed_precision: auto` keeps the fewest, most sensitive layers in float needed to meet it.
+`calibration_ladder: auto` tries several calibration settings (KL, EMA batch 1, more samples,
+feature clamping) and keeps the best that meets it. A model larger than the fp32 .mnn is warned
+about, and refused over `max_size_ratio`.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..errors import InputError, SpecError, StepFailed
+from ..errors import InputError, SpecError, StepFailed, ToolError
 from ..sensitivity import Evaluation, LayerSensitivity
 from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, TensorSpec, Tolerance
 from .convert import WeightCompression
@@ -55,7 +59,8 @@ class Spec(StepSpec):
         "(an npz with one array per input name) or, without it, on `calibration_samples` seeded random inputs.",
     )
     num_samples: int = Field(
-        16, ge=1, le=4096, description="Random inputs the multi-input check (`inputs`) compares the models on."
+        16, ge=1, le=4096, description="Random inputs the models are compared on without an evaluation set (`inputs`, or weight-only / "
+        "fp16 without `evaluation`)."
     )
     mode: Literal["full-int8", "qat", "weight-only", "fp16"] = Field(
         "full-int8",
@@ -78,7 +83,8 @@ class Spec(StepSpec):
     )
     evaluation: DatasetRef | None = Field(
         None,
-        description="Required unless `inputs` is given. ""Held-out set the quantized model is measured on against the fp32 model: top-1 accuracy "
+        description="Required unless `inputs` is given or the mode is weight-only / fp16 (then the model is checked "
+        "on `num_samples` seeded random inputs within the input's range). Held-out set the quantized model is measured on against the fp32 model: top-1 accuracy "
         "when it has labels, output fidelity otherwise. Use a split other than the calibration's.",
     )
     activation_method: Literal["KL", "ADMM", "EMA"] = Field(
@@ -97,6 +103,16 @@ class Spec(StepSpec):
     )
     qat_epochs: int = Field(10, ge=1, le=1000, description="Mode qat: fine-tune epochs over `calibration`.")
     qat_lr: float = Field(1e-3, gt=0, le=1, description="Mode qat: Adam learning rate of the fine-tune.")
+    calibration_ladder: Literal["off", "auto"] = Field(
+        "off",
+        description="auto (full-int8): try, in order, the spec's own calibration, KL, EMA with batch_size 1, EMA "
+        "batch 1 on 4x calibration_samples, EMA batch 1 with feature_clamp_value 100; a setting that crashes the "
+        "quantizer or misses the budget is reported and the next is tried; the best that meets the budget is kept. "
+        "Each attempt is listed in the result (calibration_attempts).",
+    )
+    max_attempts_s: float = Field(
+        1800, gt=0, le=86400, description="calibration_ladder auto: no new attempt starts after this many seconds."
+    )
     calibration_samples: int = Field(
         100, ge=1, le=100_000, description="Use at most this many calibration samples (MNN's used_sample_num)."
     )
@@ -126,7 +142,15 @@ class Spec(StepSpec):
     )
     fidelity: Tolerance = Field(
         Tolerance(max_abs_error=None, min_cosine=0.99, min_top1_agreement=0.95),
-        description="Output agreement with the fp32 model required when the evaluation set has no labels.",
+        description="Output agreement with the fp32 model required when the evaluation set has no labels (or the "
+        "output is not classification); `output_kind` picks the agreement checked (per-pixel for dense maps, "
+        "nearest-neighbour for embeddings). max_abs_error is checked only when given.",
+    )
+    max_size_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="Largest allowed size of model.mnn over the fp32 .mnn (1.0: never larger). Full int8 of a tiny "
+        "Conv/MatMul model can come out larger than fp32 (scales and float bias per layer); None: only warned about.",
     )
     threads: int = Field(1, ge=1, le=256, description="CPU threads for running the models during evaluation.")
     timeout_s: float = Field(1800, gt=0, le=86400, description="Limit for each converter / quantizer run, seconds.")
@@ -188,6 +212,8 @@ class Spec(StepSpec):
                 raise ValueError("mode 'fp16' needs weights.fp16 true (or omit weights)")
             if self.weights is not None and self.mode == "weight-only" and self.weights.bits is None:
                 raise ValueError("mode 'weight-only' needs weights.bits (2-8), or omit weights for 8 bits")
+        if self.calibration_ladder == "auto" and (self.mode != "full-int8" or self.inputs is not None):
+            raise ValueError("calibration_ladder auto applies to mode full-int8 of a single-input model (not with inputs)")
         if self.inputs is not None:
             if self.input is not None:
                 raise ValueError("give either input (one input) or inputs (every input), not both")
@@ -199,10 +225,26 @@ class Spec(StepSpec):
             if len(set(names)) != len(names):
                 raise ValueError(f"inputs names must be unique, got {names}")
         elif self.evaluation is None:
-            raise ValueError("evaluation is required (a held-out DatasetRef) unless inputs is given")
+            if self.mode not in ("weight-only", "fp16"):
+                raise ValueError("evaluation is required (a held-out DatasetRef) unless inputs is given")
         if self.model.is_torch and self.input is None and self.inputs is None:
             raise ValueError("input (name and shape) is required to export a torch model")
         return self
+
+
+class CalibrationAttempt(BaseModel):
+    """One calibration setting tried by calibration_ladder auto."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    setting: str = Field(description="The quantizer settings, e.g. 'EMA batch_size 1, 100 samples'.")
+    outcome: Literal["passed", "missed budget", "crashed", "refused", "not started: time budget"] = Field(
+        description="What happened: refused = a known quantizer crash for this model, not run."
+    )
+    cosine: float | None = Field(None, description="Output cosine vs fp32 on the evaluation set.")
+    accuracy_drop_pp: float | None = Field(None, description="Accuracy drop in percentage points (labelled evaluation).")
+    seconds: float = Field(0.0, description="Wall time of quantization and evaluation.")
+    detail: str = Field("", description="Why it crashed, was refused or missed the budget.")
 
 
 class Result(StepResult):
@@ -217,6 +259,10 @@ class Result(StepResult):
     quantized: Evaluation = Field(description="The published model on the evaluation set, vs the fp32 model.")
     sensitivity: list[LayerSensitivity] | None = Field(None, description="Per-layer table, most sensitive first.")
     attempts: int = Field(1, description="Quantizations evaluated for the budget (more than 1 in auto mode).")
+    warnings: list[str] = Field(default_factory=list, description="What the user should know, e.g. a model larger than fp32.")
+    calibration_attempts: list[CalibrationAttempt] = Field(
+        default_factory=list, description="calibration_ladder auto: every calibration setting tried, in order."
+    )
 
 
 # --------------------------------------------------------------------------- model plumbing
@@ -257,8 +303,12 @@ def _source_inputs(spec: Spec, src: Path) -> list[TensorSpec]:
     inputs = [i for i in graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise InputError(f"{spec.model.uri}: has {len(inputs)} inputs; quantize calibrates single-input models")
+    from .convert import _ONNX_DTYPES
+
     dims = [d.dim_value if d.dim_value > 0 else 1 for d in inputs[0].type.tensor_type.shape.dim]
-    return [TensorSpec(name=inputs[0].name, shape=tuple(dims))]
+    # the graph's element type: int64 token ids exported and verified as floats fail in ONNX Runtime
+    dtype = _ONNX_DTYPES.get(inputs[0].type.tensor_type.elem_type, "float32")
+    return [TensorSpec(name=inputs[0].name, shape=tuple(dims), dtype=dtype)]
 
 
 def _to_mnn(spec: Spec, ctx, name: str, weights: WeightCompression | None = None) -> Path:
@@ -282,7 +332,7 @@ def _to_mnn(spec: Spec, ctx, name: str, weights: WeightCompression | None = None
         inputs=_source_inputs(spec, src),
         dynamic_batch=False,
         weights=weights or WeightCompression(),
-        tolerance=Tolerance() if weights is None else loose,
+        tolerance=Tolerance(output_kind=spec.fidelity.output_kind) if weights is None else loose,
         timeout_s=spec.timeout_s,
         seed=spec.seed,
     )
@@ -293,35 +343,44 @@ def _to_mnn(spec: Spec, ctx, name: str, weights: WeightCompression | None = None
 class _Evaluator:
     """Runs candidate .mnn models on the evaluation set and compares them with the fp32 model."""
 
-    def __init__(self, fp32_path: Path, x: np.ndarray, y: np.ndarray | None, threads: int, timeout_s: float = 1800):
+    def __init__(
+        self, fp32_path: Path, x: np.ndarray, y: np.ndarray | None, threads: int, timeout_s: float = 1800,
+        kind: str = "classification",
+    ):
         from ..engines.runtimes import MeasureServer
 
-        self.x, self.y, self.threads = x, y, threads
+        self.x, self.y, self.threads, self.kind = x, y, threads, kind
+        self.sample_shape: tuple[int, ...] = ()
         # Each candidate runs in a confined process of its own (MNN parses the file in C++), forked
         # from one server that imports MNN once; one timed run is the price of reusing it.
         self._server = MeasureServer(
             settings=[(threads, 1)], timing_inputs={1: [x[:1]]}, eval_inputs=[x], warmup=0, iterations=1, timeout_s=timeout_s
         )
         self.reference = self.outputs(fp32_path)
-        self.fp32_accuracy = None if y is None else float((self.reference.argmax(1) == y).mean())
+        # labels are class indices: only a classifier's argmax can be scored against them
+        labelled = y is not None and kind == "classification"
+        self.fp32_accuracy = float((self.reference.argmax(1) == y).mean()) if labelled else None
 
     def outputs(self, path: Path) -> np.ndarray:
         m = self._server.measure(ModelRef(uri=str(path), format="mnn"), path)
         assert m.eval_outputs is not None
+        self.sample_shape = np.asarray(m.eval_outputs[0]).shape  # a dense map's [C, H, W] for verify.compare
         return np.stack([np.asarray(o, np.float64).reshape(-1) for o in m.eval_outputs])
 
     def evaluate(self, path: Path) -> Evaluation:
+        from ..verify import compare
+
         out = self.outputs(path)
         ref = self.reference
-        denom = float(np.linalg.norm(ref) * np.linalg.norm(out))
-        cosine = float(np.dot(ref.ravel(), out.ravel()) / denom) if denom > 0 else float(np.allclose(ref, out))
-        classifier = ref.shape[1] > 1
-        agreement = float((ref.argmax(1) == out.argmax(1)).mean()) if classifier else None
-        if self.y is None or not classifier:
-            return Evaluation(cosine=cosine, top1_agreement=agreement)
+        shape = self.sample_shape
+        fid = compare([r.reshape(shape) for r in ref], [o.reshape(shape) for o in out], self.kind)  # type: ignore[arg-type]
+        agreement = fid.top1_agreement
+        if self.fp32_accuracy is None or ref.shape[1] <= 1:
+            return Evaluation(cosine=fid.cosine, top1_agreement=agreement, fidelity=fid)
         acc = float((out.argmax(1) == self.y).mean())
         return Evaluation(
-            cosine=cosine, accuracy=acc, accuracy_drop_pp=round((self.fp32_accuracy - acc) * 100, 6), top1_agreement=agreement
+            cosine=fid.cosine, accuracy=acc, accuracy_drop_pp=round((self.fp32_accuracy - acc) * 100, 6),
+            top1_agreement=agreement, fidelity=fid,
         )
 
 
@@ -334,6 +393,13 @@ def _budget_problems(spec: Spec, ev: Evaluation) -> list[str]:
         if ev.accuracy_drop_pp > spec.max_accuracy_drop + 1e-9:
             return [f"accuracy drop {ev.accuracy_drop_pp:.2f} pp > max_accuracy_drop {spec.max_accuracy_drop} pp"]
         return []
+    if ev.fidelity is not None:
+        from ..verify import violations
+
+        tol = spec.fidelity
+        if "max_abs_error" not in tol.model_fields_set:  # int8 always moves outputs by more than fp32's default
+            tol = tol.model_copy(update={"max_abs_error": None})
+        return violations(ev.fidelity, tol)
     problems = []
     if ev.cosine < spec.fidelity.min_cosine:
         problems.append(f"output cosine {ev.cosine:.6f} < {spec.fidelity.min_cosine}")
@@ -342,13 +408,42 @@ def _budget_problems(spec: Spec, ev: Evaluation) -> list[str]:
     return problems
 
 
+def _size_warnings(spec: Spec, fp32_size: int, size: int) -> list[str]:
+    """Refuse a model over `max_size_ratio` (StepFailed, nothing published); warn when it is larger than fp32."""
+    ratio = size / fp32_size
+    if spec.max_size_ratio is not None and ratio > spec.max_size_ratio:
+        raise StepFailed(
+            f"{spec.mode} model.mnn is {size:,} B, {ratio:.2f}x the fp32 .mnn ({fp32_size:,} B) > max_size_ratio "
+            f"{spec.max_size_ratio}; nothing published"
+        )
+    if ratio <= 1.0:
+        return []
+    warning = (
+        f"{spec.mode} model.mnn ({size:,} B) is LARGER than the fp32 .mnn ({fp32_size:,} B), {ratio:.2f}x: per-layer "
+        "scales and float biases outweigh the int8 weights of a model this small (set max_size_ratio to refuse it)"
+    )
+    logging.getLogger("mnnpipe").warning(warning)
+    return [warning]
+
+
+def _miss(spec: Spec, ev: Evaluation) -> str:
+    """Why `ev` misses the budget, then every metric measured (not only the one that failed)."""
+    from ..verify import describe
+
+    text = "; ".join(_budget_problems(spec, ev))
+    return f"{text}; measured: {describe(ev.fidelity)}" if ev.fidelity is not None else text
+
+
 # --------------------------------------------------------------------------- full int8
 
 
 class _Int8Quantizer:
     """One MNN quantizer run per skip list, cached so the search never repeats a quantization."""
 
-    def __init__(self, spec: Spec, fp32: Path, calib_config: dict, workdir: Path, evaluator: _Evaluator | None):
+    def __init__(
+        self, spec: Spec, fp32: Path, calib_config: dict, workdir: Path, evaluator: _Evaluator | None,
+        overrides: dict | None = None,
+    ):
         self.spec, self.fp32, self.workdir, self.evaluator = spec, fp32, workdir, evaluator
         self.base_config = {
             **calib_config,
@@ -357,6 +452,7 @@ class _Int8Quantizer:
         }
         if spec.activation_method == "EMA":
             self.base_config["batch_size"] = spec.batch_size
+        self.base_config.update(overrides or {})
         self.runs: dict[tuple[str, ...], tuple[Path, Evaluation]] = {}
 
     def quantize(self, skip: list[str], *, debug: bool = False) -> tuple[Path, str]:
@@ -366,7 +462,12 @@ class _Int8Quantizer:
         config = {**self.base_config, "skip_quant_op_names": list(skip)}
         if debug:
             config["debug"] = True
-        log = quantize_int8(self.fp32, dst, config, timeout_s=self.spec.timeout_s)
+        try:
+            log = quantize_int8(self.fp32, dst, config, timeout_s=self.spec.timeout_s)
+        except ToolError as exc:
+            if "Reshape error" in str(exc) and config.get("batch_size", 1) > 1:
+                raise ToolError(f"{exc} (EMA calibration at batch_size {config['batch_size']}: use batch_size: 1)") from None
+            raise
         return dst, log
 
     def evaluate(self, skip: list[str]) -> Evaluation:
@@ -388,7 +489,9 @@ def _debug_cosines(quantizer: _Int8Quantizer, skip: list[str]) -> dict[str, floa
     return {r["op"]: r["cosine"] for r in parse_debug_distances(log) if r["tensor"] == "output_tensor_0"}
 
 
-def _full_int8(spec: Spec, ctx, fp32: Path, evaluator: _Evaluator) -> tuple[Path, Evaluation, list[str], list[LayerSensitivity] | None, int]:
+def _full_int8(
+    spec: Spec, ctx, fp32: Path, evaluator: _Evaluator
+) -> tuple[Path, Evaluation, list[str], list[LayerSensitivity] | None, int, list[CalibrationAttempt]]:
     from ..calibration import write_calibration
     from ..data import load_dataset
     from ..engines.mnn import quantizer_blockers
@@ -396,15 +499,15 @@ def _full_int8(spec: Spec, ctx, fp32: Path, evaluator: _Evaluator) -> tuple[Path
 
     assert spec.calibration is not None  # the validator guarantees it
     name, shape = _model_input(fp32)
+    ladder = spec.calibration_ladder == "auto"
     blockers = quantizer_blockers(fp32, spec.activation_method)
-    if blockers:  # before calibration data is written: the quantizer would only segfault
+    if blockers and not ladder:  # before calibration data is written: the quantizer would only segfault
         raise InputError(f"model: {spec.model.uri}: {'; '.join(blockers)}")
     ref = spec.calibration
     data = load_dataset(ref, ctx.local(ref.uri) if ref.uri else None)
-    calib = write_calibration(
-        data, ctx.scratch("calibration"), ref.preprocess, input_name=name, input_shape=shape, limit=spec.calibration_samples
-    )
-    quantizer = _Int8Quantizer(spec, fp32, calib.config, ctx.scratch("int8"), evaluator)
+    # the ladder's "more samples" rung reads up to 4x calibration_samples from the same folder
+    limit = spec.calibration_samples * (_MORE_SAMPLES if ladder else 1)
+    calib = write_calibration(data, ctx.scratch("calibration"), ref.preprocess, input_name=name, input_shape=shape, limit=limit)
     layers = quantizable_layers(str(fp32))
     known = {n for n, _ in layers}
     unknown = [s for s in spec.skip_layers if s not in known]
@@ -413,6 +516,11 @@ def _full_int8(spec: Spec, ctx, fp32: Path, evaluator: _Evaluator) -> tuple[Path
             f"skip_layers: {unknown} are not quantizable layers of this model; it has {sorted(known)}"
         )
     skip = list(spec.skip_layers)
+    tried: list[CalibrationAttempt] = []
+    if ladder:
+        quantizer, tried = _calibration_ladder(spec, ctx, fp32, calib, evaluator, skip)
+    else:
+        quantizer = _Int8Quantizer(spec, fp32, calib.config, ctx.scratch("int8"), evaluator)
     first = quantizer.evaluate(skip)
     table = None
     needs_search = spec.mixed_precision == "auto" and not _within(spec, first)
@@ -431,9 +539,93 @@ def _full_int8(spec: Spec, ctx, fp32: Path, evaluator: _Evaluator) -> tuple[Path
         if not _within(spec, first):
             raise StepFailed(
                 f"full-int8 misses the budget even with all {len(skip)} quantizable layers kept in float: "
-                f"{'; '.join(_budget_problems(spec, first))}; nothing published"
+                f"{_miss(spec, first)}; nothing published"
             )
-    return quantizer.path(skip), first, skip, table, len(quantizer.runs)
+    return quantizer.path(skip), first, skip, table, len(quantizer.runs), tried
+
+
+_MORE_SAMPLES = 4  # the ladder's "more samples" rung: this many times calibration_samples
+_CLAMP = 100  # the ladder's clamping rung: feature_clamp_value (MNN's default is 127)
+
+
+def _ladder_settings(spec: Spec, available: int) -> list[tuple[str, dict]]:
+    """(description, quantizer config overrides) in the order the ladder tries them."""
+    n = min(spec.calibration_samples, available)
+    more = min(spec.calibration_samples * _MORE_SAMPLES, available)
+    own = {"feature_quantize_method": spec.activation_method, "used_n": n}
+    if spec.activation_method == "EMA":
+        own["batch_size"] = spec.batch_size
+    rungs = [
+        own,
+        {"feature_quantize_method": "KL", "used_n": n},
+        {"feature_quantize_method": "EMA", "batch_size": 1, "used_n": n},
+        {"feature_quantize_method": "EMA", "batch_size": 1, "used_n": more},
+        {"feature_quantize_method": "EMA", "batch_size": 1, "used_n": n, "feature_clamp_value": _CLAMP},
+    ]
+    out, seen = [], set()
+    for r in rungs:
+        key = tuple(sorted(r.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        text = r["feature_quantize_method"]
+        if "batch_size" in r:
+            text += f" batch_size {r['batch_size']}"
+        text += f", {r['used_n']} samples"
+        if "feature_clamp_value" in r:
+            text += f", feature_clamp_value {r['feature_clamp_value']}"
+        out.append((text, r))
+    return out
+
+
+def _calibration_ladder(
+    spec: Spec, ctx, fp32: Path, calib, evaluator: _Evaluator, skip: list[str]
+) -> tuple[_Int8Quantizer, list[CalibrationAttempt]]:
+    """Try each calibration setting within max_attempts_s; the best that meets the budget wins
+    (with mixed_precision auto, the best that ran, for the layer search to rescue)."""
+    import time
+
+    from ..engines.mnn import quantizer_blockers
+
+    count_key = "used_image_num" if calib.layout == "images" else "used_sample_num"
+    start = time.monotonic()
+    tried: list[CalibrationAttempt] = []
+    ran: list[tuple[_Int8Quantizer, Evaluation, bool]] = []
+    for i, (text, rung) in enumerate(_ladder_settings(spec, calib.samples)):
+        if time.monotonic() - start > spec.max_attempts_s:
+            tried.append(CalibrationAttempt(setting=text, outcome="not started: time budget"))
+            continue
+        blockers = quantizer_blockers(fp32, rung["feature_quantize_method"])
+        if blockers:
+            tried.append(CalibrationAttempt(setting=text, outcome="refused", detail="; ".join(blockers)))
+            continue
+        overrides = {k: v for k, v in rung.items() if k != "used_n"}
+        overrides[count_key] = rung["used_n"]
+        t0 = time.monotonic()
+        quantizer = _Int8Quantizer(spec, fp32, calib.config, ctx.scratch(f"int8-{i}"), evaluator, overrides)
+        try:
+            ev = quantizer.evaluate(skip)
+        except ToolError as exc:
+            tried.append(CalibrationAttempt(setting=text, outcome="crashed", seconds=round(time.monotonic() - t0, 3), detail=str(exc)[:300]))
+            continue
+        problems = _budget_problems(spec, ev)
+        tried.append(
+            CalibrationAttempt(
+                setting=text,
+                outcome="missed budget" if problems else "passed",
+                cosine=ev.cosine,
+                accuracy_drop_pp=ev.accuracy_drop_pp,
+                seconds=round(time.monotonic() - t0, 3),
+                detail="; ".join(problems),
+            )
+        )
+        ran.append((quantizer, ev, not problems))
+    report = " | ".join(f"{a.setting}: {a.outcome}" + (f" ({a.detail})" if a.detail else "") for a in tried)
+    candidates = [r for r in ran if r[2]] or (ran if spec.mixed_precision == "auto" else [])
+    if not candidates:
+        raise StepFailed(f"full-int8: no calibration setting meets the budget; tried {report}; nothing published")
+    best = min(candidates, key=lambda r: ((r[1].accuracy_drop_pp or 0.0), -r[1].cosine))
+    return best[0], tried
 
 
 # --------------------------------------------------------------------------- the step
@@ -450,7 +642,9 @@ def run(spec: Spec, ctx) -> Result:
         check_loadable(ctx.local(spec.model.uri), f"model: {spec.model.uri}", timeout_s=min(spec.timeout_s, PROBE_TIMEOUT_S))
     fp32 = _to_mnn(spec, ctx, "fp32")
     if spec.inputs is not None:
-        return _multi_input(spec, ctx, fp32)
+        return _multi_input(spec, ctx, fp32, list(spec.inputs))
+    if spec.evaluation is None:  # weight-only / fp16 without an evaluation set: random inputs
+        return _multi_input(spec, ctx, fp32, _source_inputs(spec, ctx.local(spec.model.uri)))
     try:
         name, shape = _model_input(fp32)
     except InputError as exc:  # name the spec's model, not the scratch copy the message would show
@@ -463,11 +657,11 @@ def run(spec: Spec, ctx) -> Result:
     from ..calibration import check_matches_input
 
     check_matches_input(ev_data, shape, name, "evaluation")
-    evaluator = _Evaluator(fp32, ev_data.x, ev_data.y, spec.threads, spec.timeout_s)
+    evaluator = _Evaluator(fp32, ev_data.x, ev_data.y, spec.threads, spec.timeout_s, spec.fidelity.output_kind)
 
-    table, skip, attempts = None, [], 1
+    table, skip, attempts, tried = None, [], 1, []
     if spec.mode == "full-int8":
-        candidate, ev, skip, table, attempts = _full_int8(spec, ctx, fp32, evaluator)
+        candidate, ev, skip, table, attempts, tried = _full_int8(spec, ctx, fp32, evaluator)
     elif spec.mode == "qat":
         candidate, skip = _qat(spec, ctx, name, shape)
         ev = evaluator.evaluate(candidate)
@@ -478,22 +672,31 @@ def run(spec: Spec, ctx) -> Result:
 
     problems = _budget_problems(spec, ev)
     if problems:
-        raise StepFailed(f"{spec.mode} model misses the budget: {'; '.join(problems)}; nothing published")
+        raise StepFailed(f"{spec.mode} model misses the budget: {_miss(spec, ev)}; nothing published")
 
     ops = op_types(candidate, timeout_s=spec.timeout_s)
     if spec.mode in ("full-int8", "qat") and not any(k.endswith("[int8]") for k in ops):
         raise StepFailed(f"the quantizer produced no int8 layers (op types {ops}); nothing published")
+    fp32_size, size = fp32.stat().st_size, candidate.stat().st_size
+    warnings = _size_warnings(spec, fp32_size, size)
     shutil.copyfile(candidate, ctx.outdir / "model.mnn")
     if table is not None:
         (ctx.outdir / "sensitivity.md").write_text(to_markdown(table, skip))
-    fp32_size, size = fp32.stat().st_size, candidate.stat().st_size
     fp32_ev = Evaluation(
         cosine=1.0,
         accuracy=evaluator.fp32_accuracy,
         accuracy_drop_pp=None if evaluator.fp32_accuracy is None else 0.0,
-        top1_agreement=1.0 if evaluator.reference.shape[1] > 1 else None,
+        top1_agreement=1.0 if ev.top1_agreement is not None else None,
     )
     metrics = {"size_ratio": size / fp32_size, "cosine": ev.cosine, "float_layers": float(len(skip))}
+    for i, a in enumerate(tried):
+        metrics[f"calibration_attempt_{i}_passed"] = float(a.outcome == "passed")
+        metrics[f"calibration_attempt_{i}_seconds"] = a.seconds
+        if a.cosine is not None:
+            metrics[f"calibration_attempt_{i}_cosine"] = a.cosine
+    for field in ("top1_agreement", "neighbour_agreement", "pixel_agreement", "mean_iou"):
+        if ev.fidelity is not None and getattr(ev.fidelity, field) is not None:
+            metrics[field] = getattr(ev.fidelity, field)
     if ev.accuracy is not None:
         metrics.update(accuracy=ev.accuracy, fp32_accuracy=float(evaluator.fp32_accuracy), accuracy_drop_pp=float(ev.accuracy_drop_pp))
     return Result(
@@ -507,41 +710,48 @@ def run(spec: Spec, ctx) -> Result:
         quantized=ev,
         sensitivity=table,
         attempts=attempts,
+        warnings=warnings,
+        calibration_attempts=tried,
         metrics=metrics,
     )
 
 
-def _multi_input(spec: Spec, ctx, fp32: Path) -> Result:
-    """A model with several inputs in any mode, checked on seeded random inputs (every input)."""
+def _multi_input(spec: Spec, ctx, fp32: Path, inputs: list[TensorSpec]) -> Result:
+    """A model checked on seeded random inputs (every input): several inputs in any mode, or a
+    weight-only / fp16 model without an evaluation set."""
     from ..engines.mnn import load_session, op_types
     from ..verify import compare
     from .convert import random_inputs
 
-    assert spec.inputs is not None
-    names = [t.name for t in spec.inputs]
+    names = [t.name for t in inputs]
     skip: list[str] = []
     if spec.mode == "full-int8":
         candidate, skip = _multi_input_int8(spec, ctx, fp32)
     else:
         candidate = _to_mnn(spec, ctx, spec.mode, spec.weights or _default_weights(spec.mode))
-    samples = random_inputs(list(spec.inputs), spec.num_samples, spec.seed)
+    samples = random_inputs(inputs, spec.num_samples, spec.seed)
 
     def outputs(path: Path) -> list[np.ndarray]:
         session = load_session(path, threads=spec.threads, input_names=names)
-        return [np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in session.run(s)]) for s in samples]
+        runs = [session.run(s) for s in samples]
+        if len(runs[0]) == 1:  # one output keeps its shape: a dense map's [C, H, W] is judged per pixel
+            return [np.asarray(r[0], np.float64) for r in runs]
+        return [np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in r]) for r in runs]
 
-    fid = compare(outputs(fp32), outputs(candidate))
-    # cosine only: the outputs of a multi-input model are rarely class scores (embeddings, spans),
-    # and an argmax over them flips on noise
-    ev = Evaluation(cosine=fid.cosine)
+    # Without a kind in the spec, cosine only ("other"): the outputs of a multi-input model are
+    # rarely class scores (embeddings, spans), and an argmax over them flips on noise.
+    kind = "other"  # BREAK
+    fid = compare(outputs(fp32), outputs(candidate), kind)
+    ev = Evaluation(cosine=fid.cosine, top1_agreement=fid.top1_agreement, fidelity=fid)
     problems = _budget_problems(spec, ev)
     if problems:
-        raise StepFailed(f"{spec.mode} model misses the budget: {'; '.join(problems)} (over {fid.samples} random inputs); nothing published")
+        raise StepFailed(f"{spec.mode} model misses the budget: {_miss(spec, ev)} (over {fid.samples} random inputs); nothing published")
     ops = op_types(candidate, timeout_s=spec.timeout_s)
     if spec.mode == "full-int8" and not any(k.endswith("[int8]") for k in ops):
         raise StepFailed(f"the quantizer produced no int8 layers (op types {ops}); nothing published")
-    shutil.copyfile(candidate, ctx.outdir / "model.mnn")
     fp32_size, size = fp32.stat().st_size, candidate.stat().st_size
+    warnings = _size_warnings(spec, fp32_size, size)
+    shutil.copyfile(candidate, ctx.outdir / "model.mnn")
     return Result(
         mode=spec.mode,
         fp32_size_bytes=fp32_size,
@@ -551,6 +761,7 @@ def _multi_input(spec: Spec, ctx, fp32: Path) -> Result:
         float_layers=skip,
         fp32=Evaluation(cosine=1.0),
         quantized=ev,
+        warnings=warnings,
         metrics={"size_ratio": size / fp32_size, "cosine": ev.cosine, "float_layers": float(len(skip))},
     )
 
