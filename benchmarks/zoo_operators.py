@@ -69,7 +69,7 @@ def describe(model_dir: Path) -> dict:
     return {"opset": opset, "ops": ops, "input_names": names, "ref_in": read("input_*.pb"), "ref_out": read("output_*.pb")}
 
 
-def _short(exc: BaseException, limit: int = 420) -> str:  # long enough to reach the diverging op's name
+def _short(exc: BaseException, limit: int = 700) -> str:  # long enough to reach the diverging op's name
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
@@ -143,7 +143,7 @@ def run_operator_model(model_dir: Path, work: Path, skip_int8: bool = False) -> 
                 )
                 row["convert"] = "ok (inputs declared)"
             except Exception as exc2:
-                row["failure"] += " | declared from the shipped input: " + _short(exc2, 200)
+                row["failure"] += " | declared from the shipped input: " + _short(exc2, 150)
     if res is None:
         row["convert"] = "FAIL"
         row["seconds"] = f"{time.time() - t0:.1f}"

@@ -98,7 +98,7 @@ def test_calibration_that_never_saw_the_second_inputs_range_fails_the_check(gate
     proc = cli("quantize", int8_spec(gated, tmp_path / "out", npz), tmp_path)
 
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert "full-int8 model misses the budget: output cosine" in proc.stderr
+    assert "full-int8 model misses the budget: cosine" in proc.stderr
     assert not (tmp_path / "out" / "model.mnn").exists()
 
 

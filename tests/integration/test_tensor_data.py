@@ -3,8 +3,6 @@ fed as stored (no 'image arrays must be uint8', no float cast of token ids)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
