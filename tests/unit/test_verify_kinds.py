@@ -66,3 +66,16 @@ def test_worst_of_several_outputs_keeps_the_worst_of_each_metric():
 
     assert merged.pixel_agreement == bad.pixel_agreement and merged.cosine == bad.cosine
     assert merged.output_kind == "dense" and merged.max_abs_error == bad.max_abs_error
+
+
+@pytest.mark.parametrize("kind", ["classification", "other"])
+def test_inf_outputs_fail_the_gate_instead_of_passing_as_nan(kind):
+    rng = np.random.default_rng(0)
+    ref = [rng.normal(size=(10,)) for _ in range(8)]
+    cand = [np.full(10, np.inf) for _ in range(8)]
+
+    fid = compare(ref, cand, kind)
+
+    assert np.isnan(fid.cosine)  # the premise: every comparison with NaN is False
+    with pytest.raises(StepFailed, match="cosine nan"):
+        check(fid, Tolerance(max_abs_error=None, min_cosine=-1.0, min_top1_agreement=0.0), "int8")
