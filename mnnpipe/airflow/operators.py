@@ -168,7 +168,8 @@ class MnnStepOperator(BaseOperator):
             # A wrong spec or a missing input stays wrong on every retry.
             raise AirflowFailException(f"{self.step}: {e}") from e
         self.log.info("%s published %d artifact(s) to %s (cached: %s)", self.step, len(result.artifacts), result.output, result.cached)
-        self.log.info("%s", summary_line(self.step, result))  # last line of the task log: what an operator reads first
+        if self.execution == "in_process":  # the pod operator has logged the summary line itself
+            self.log.info("%s", summary_line(self.step, result))  # last line of the task log: what an operator reads first
         return result.model_dump(mode="json")
 
     # ------------------------------------------------------------------ kubernetes

@@ -83,7 +83,8 @@ def _log_lines(text: str) -> list[str]:
     return lines
 
 
-def _signal_name(returncode: int) -> str:
+def signal_name(returncode: int) -> str:
+    """SIGSEGV for a child's return code -11 (Python's negated signal number)."""
     try:
         return signal.Signals(-returncode).name
     except ValueError:
@@ -113,7 +114,7 @@ def _run_tool(tool: str, args: Sequence[str], *, output: Path, timeout_s: float)
             )
             reason: str | None = None
             if proc.returncode < 0:
-                reason = f"crashed with {_signal_name(proc.returncode)}"
+                reason = f"crashed with {signal_name(proc.returncode)}"
             elif proc.returncode != 0:
                 reason = f"exit status {proc.returncode}"
         except subprocess.TimeoutExpired:  # subprocess.run has already killed the child

@@ -9,13 +9,13 @@ confines itself (mnnpipe/sandbox.py) before MNN parses the file, as the other MN
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from ..errors import InputError, ToolError
+from .mnn import signal_name
 
 PROBE_TIMEOUT_S = 120.0  # loading and one forward of a model of several GB takes seconds
 _CANNOT_CONFINE = 4  # the child's exit status when MNNPIPE_CONFINE=required cannot be met
@@ -42,17 +42,10 @@ def check_loadable(path: Path, label: str, *, timeout_s: float = PROBE_TIMEOUT_S
         if proc.returncode == _CANNOT_CONFINE:
             raise ToolError(f"{label}: cannot check the .mnn model in a confined process ({reason})")
         if not reason:
-            reason = f"MNN crashed with {_signal_name(proc.returncode)}"
+            reason = f"MNN crashed with {signal_name(proc.returncode)}" if proc.returncode < 0 else f"MNN crashed with exit status {proc.returncode}"
         raise InputError(f"{label}: not a loadable .mnn model ({reason})")
 
 
-def _signal_name(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return signal.Signals(-returncode).name
-        except ValueError:
-            pass
-    return f"exit status {returncode}"
 
 
 def _probe(path: str) -> str | None:

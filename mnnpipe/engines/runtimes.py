@@ -36,6 +36,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from mnnpipe.errors import InputError, MnnpipeError, SpecError, StepFailed, ToolError
+from mnnpipe.engines.mnn import signal_name
 from mnnpipe.sandbox import check_confine_policy
 from mnnpipe.specs import ModelRef
 
@@ -554,6 +555,7 @@ def _wait(pid: int, timeout_s: float) -> str:
     import select
     import signal
 
+    status: int | None = None  # set when the polling fallback has already reaped the child
     try:
         pidfd = os.pidfd_open(pid)
         ready, _, _ = select.select([pidfd], [], [], timeout_s)
@@ -561,20 +563,21 @@ def _wait(pid: int, timeout_s: float) -> str:
         timed_out = not ready
     except (AttributeError, OSError):  # no pidfd (not Linux): poll
         deadline = time.monotonic() + timeout_s
-        while os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        timed_out = time.monotonic() >= deadline
+        while status is None and time.monotonic() < deadline:
+            reaped, polled = os.waitpid(pid, os.WNOHANG)
+            if reaped:
+                status = polled
+            else:
+                time.sleep(0.01)
+        timed_out = status is None
     if timed_out:
         os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
+    if status is None:
+        _, status = os.waitpid(pid, 0)
     if timed_out:
         return "timeout"
     if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            return f"crashed with {signal.Signals(sig).name}"
-        except ValueError:
-            return f"crashed with signal {sig}"
+        return f"crashed with {signal_name(-os.WTERMSIG(status))}"
     code = os.WEXITSTATUS(status)
     return "ok" if code == 0 else f"exit status {code}"
 

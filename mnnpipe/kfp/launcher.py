@@ -61,14 +61,7 @@ def bind_spec(
     preprocess...) come from the spec; a format recorded by the producer fills a missing one.
     A per-item artifact (`models_item1`) sets that item's model; the list's own artifact then
     fills every item still without a uri. A connected Metrics artifact sets its metric-values field."""
-    if isinstance(spec_json, str):
-        from ..spectext import load_yaml
-
-        data = load_yaml(spec_json, "spec") if spec_json.strip() else {}  # within the CLI's size/depth limits
-    else:
-        data = dict(spec_json)
-    if not isinstance(data, dict):
-        raise SpecError(f"spec: expected a JSON object of spec fields, got {type(data).__name__}")
+    data = _spec_fields(spec_json)
     for name, field_name, index, sub in item_inputs:
         artifact = artifacts.get(name)
         if artifact is None:
@@ -220,11 +213,8 @@ def launch(
 # --------------------------------------------------------------------------- lightweight (kfp.local)
 
 
-def with_settings(spec_json: str | dict[str, Any], settings: dict[str, Any]) -> str | dict[str, Any]:
-    """The spec with the typed parameters that were set (not None) written over its fields."""
-    given = {k: v for k, v in settings.items() if v is not None}
-    if not given:
-        return spec_json
+def _spec_fields(spec_json: str | dict[str, Any]) -> dict[str, Any]:
+    """The spec parameter as a dict: JSON/YAML text (within the CLI's size/depth limits) or a dict."""
     if isinstance(spec_json, str):
         from ..spectext import load_yaml
 
@@ -233,7 +223,15 @@ def with_settings(spec_json: str | dict[str, Any], settings: dict[str, Any]) -> 
         data = dict(spec_json)
     if not isinstance(data, dict):
         raise SpecError(f"spec: expected a JSON object of spec fields, got {type(data).__name__}")
-    return {**data, **given}
+    return data
+
+
+def with_settings(spec_json: str | dict[str, Any], settings: dict[str, Any]) -> str | dict[str, Any]:
+    """The spec with the typed parameters that were set (not None) written over its fields."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    if not given:
+        return spec_json
+    return {**_spec_fields(spec_json), **given}
 
 
 def setting_names(step: str) -> set[str]:
@@ -285,7 +283,8 @@ def run_executor_input(step: str, executor_input: dict[str, Any], launch_fn: Cal
     uris = {name[: -len("_uri")]: str(v) for name, v in params.items() if name.endswith("_uri") and name != "output_uri" and v}
     out_artifacts = {name: _artifact_from_executor(entry) for name, entry in (outputs.get("artifacts") or {}).items()}
     output_paths = {name: a.path for name, a in out_artifacts.items() if a is not None}
-    settings = {k: v for k, v in params.items() if k in setting_names(step)}  # KFP leaves unset ones out
+    names = setting_names(step)
+    settings = {k: v for k, v in params.items() if k in names}  # KFP leaves unset ones out
     result, metadata = launch_fn(
         step,
         with_settings(params.get("spec", "{}"), settings),

@@ -33,13 +33,13 @@ from .recipe import parse_recipe, recipe_digest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CRON = "0 0 2 * * *"
+DEFAULT_CRON = "0 0 2 * * *"  # 02:00 every day; KFP's cron has six fields, seconds first
 #: KFP run states in which a run may still release its version.
 ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "PAUSED", "CANCELING", "RUNTIME_STATE_UNSPECIFIED"})
 BACKOFF_BASE = timedelta(hours=1)
 BACKOFF_MAX = timedelta(hours=24)
 MAX_ATTEMPTS = 6
-ATTEMPTS_FILE = "recompress.json"  # 02:00 every day; KFP's cron has six fields, seconds first
+ATTEMPTS_FILE = "recompress.json"  # per-version launch attempts, in the version's release folder
 
 
 def check_cron(expr: str) -> str:

@@ -321,34 +321,36 @@ def run(spec: Spec, ctx: Any) -> Result:
         input_names=[t.name for t in inputs],
         timeout_s=spec.timeout_s,
     )
-    for label, model_ref, setting in ctx.progress(targets, desc="benchmark", total=len(targets)):
-        path = Path(model_ref.uri) if setting is not None else ctx.local(model_ref.uri)  # a peer: built in scratch
-        if path.is_dir():
-            raise InputError(f"{model_ref.uri}: is a folder, expected a model file")
-        try:
-            m = server.measure(model_ref, path)
-        except InputError as exc:
-            raise InputError(f"models[{label}]: {exc}") from None
-        for t, b in settings:
-            lat = m.latency[setting_key(t, b)]
-            rows.append(LatencyRow(label=label, format=model_ref.format, threads=t, batch=b, **lat.__dict__))
-        summary = ModelSummary(
-            label=label,
-            format=model_ref.format,
-            size_bytes=size_bytes(path),
-            peak_rss_bytes=m.peak_rss_bytes,
-            peak_rss_delta_bytes=m.peak_rss_delta_bytes,
-            setting=setting,
-        )
-        if m.eval_outputs is not None:
-            outputs[label] = m.eval_outputs
-            if labels_y is not None:
-                logits = np.stack([np.asarray(o).reshape(-1) for o in m.eval_outputs])
-                summary = summary.model_copy(
-                    update={"top1": topk_accuracy(logits, labels_y, 1), "top5": topk_accuracy(logits, labels_y, 5)}
-                )
-        summaries.append(summary)
-    server.close()
+    try:
+        for label, model_ref, setting in ctx.progress(targets, desc="benchmark", total=len(targets)):
+            path = Path(model_ref.uri) if setting is not None else ctx.local(model_ref.uri)  # a peer: built in scratch
+            if path.is_dir():
+                raise InputError(f"{model_ref.uri}: is a folder, expected a model file")
+            try:
+                m = server.measure(model_ref, path)
+            except InputError as exc:
+                raise InputError(f"models[{label}]: {exc}") from None
+            for t, b in settings:
+                lat = m.latency[setting_key(t, b)]
+                rows.append(LatencyRow(label=label, format=model_ref.format, threads=t, batch=b, **lat.__dict__))
+            summary = ModelSummary(
+                label=label,
+                format=model_ref.format,
+                size_bytes=size_bytes(path),
+                peak_rss_bytes=m.peak_rss_bytes,
+                peak_rss_delta_bytes=m.peak_rss_delta_bytes,
+                setting=setting,
+            )
+            if m.eval_outputs is not None:
+                outputs[label] = m.eval_outputs
+                if labels_y is not None:
+                    logits = np.stack([np.asarray(o).reshape(-1) for o in m.eval_outputs])
+                    summary = summary.model_copy(
+                        update={"top1": topk_accuracy(logits, labels_y, 1), "top5": topk_accuracy(logits, labels_y, 5)}
+                    )
+            summaries.append(summary)
+    finally:  # the server's child holds every runtime: never leave it behind
+        server.close()
     if spec.reference is not None:
         ref_out = outputs[spec.reference]
         summaries = [

@@ -422,40 +422,43 @@ def run(spec: Spec, ctx: Any) -> Result:
             settings += [s for s in EXPORT_FALLBACKS if s != settings[0]]
 
     attempts: list[str] = []
-    for setting in settings:
-        if setting is not None:
-            opset, dynamic = setting
-            try:
-                output_names = source.export_onnx(example, onnx_path, input_names=names, opset=opset, dynamic_batch=dynamic)
-            except ToolError as exc:
-                if not attempts:
-                    raise  # the model the user asked for does not export: say why, not what a fallback did
-                attempts.append(f"{_describe_export(setting)}: {exc}")
-                continue
-        # an ONNX source is read from where it is once, and written here normalised
-        rewrites = normalise_for_mnn(src_path if setting is None else onnx_path, onnx_path, {t.name: t.shape for t in inputs})
-        try:
-            candidate, log, per_output = _convert_and_compare(spec, onnx_path, mnn_path, names, output_names, samples, reference)
-            fidelity = _worst(per_output)
-            check(fidelity, spec.tolerance, f"the .mnn ({_describe_weights(spec.weights)}) against the source model")
-            break
-        except StepFailed as exc:  # outside the tolerance, or output shapes differ
-            failure = str(exc)
+    exported: tuple[int, bool] | None = None
+    try:
+        for setting in settings:
             if setting is not None:
-                attempts.append(f"{_describe_export(setting)}: {failure}")
-    else:
-        rescued = _retry_folded(spec, onnx_path, names, output_names, samples, reference, inputs, scratch) if spec.weights.lossless else None
-        if rescued is None:
-            tried = f" (export settings tried: {' | '.join(attempts)})" if len(attempts) > 1 else ""
-            raise StepFailed(_explain_failure(failure + tried, onnx_path, mnn_path, names, samples[0], scratch))
-        candidate, log, per_output, fidelity = rescued
-        shutil.copyfile(scratch / "folded.onnx", onnx_path)
-        shutil.copyfile(scratch / "folded.mnn", mnn_path)
-        rewrites = [*rewrites, "static-shape-constant-fold"]
-        log += f"\nverification failed on the graph as given ({failure}); passed after constant-folding it at the declared shapes"
-
-    if isinstance(source, ConfinedTorchModel):
-        source.close()
+                opset, dynamic = setting
+                try:
+                    output_names = source.export_onnx(example, onnx_path, input_names=names, opset=opset, dynamic_batch=dynamic)
+                    exported = setting  # what onnx_path now holds (a failed export leaves the last one)
+                except ToolError as exc:
+                    if not attempts:
+                        raise  # the model the user asked for does not export: say why, not what a fallback did
+                    attempts.append(f"{_describe_export(setting)}: {exc}")
+                    continue
+            # an ONNX source is read from where it is once, and written here normalised
+            rewrites = normalise_for_mnn(src_path if setting is None else onnx_path, onnx_path, {t.name: t.shape for t in inputs})
+            try:
+                candidate, log, per_output = _convert_and_compare(spec, onnx_path, mnn_path, names, output_names, samples, reference)
+                fidelity = _worst(per_output)
+                check(fidelity, spec.tolerance, f"the .mnn ({_describe_weights(spec.weights)}) against the source model")
+                break
+            except StepFailed as exc:  # outside the tolerance, or output shapes differ
+                failure = str(exc)
+                if setting is not None:
+                    attempts.append(f"{_describe_export(setting)}: {failure}")
+        else:
+            rescued = _retry_folded(spec, onnx_path, names, output_names, samples, reference, inputs, scratch) if spec.weights.lossless else None
+            if rescued is None:
+                tried = f" (export settings tried: {' | '.join(attempts)})" if len(attempts) > 1 else ""
+                raise StepFailed(_explain_failure(failure + tried, onnx_path, mnn_path, names, samples[0], scratch))
+            candidate, log, per_output, fidelity = rescued
+            shutil.copyfile(scratch / "folded.onnx", onnx_path)
+            shutil.copyfile(scratch / "folded.mnn", mnn_path)
+            rewrites = [*rewrites, "static-shape-constant-fold"]
+            log += f"\nverification failed on the graph as given ({failure}); passed after constant-folding it at the declared shapes"
+    finally:  # the confined torch child holds the model: never leave it behind
+        if isinstance(source, ConfinedTorchModel):
+            source.close()
     # Verified: only now does anything go where it will be published.
     shutil.copyfile(onnx_path, ctx.outdir / ONNX_FILE)
     shutil.copyfile(mnn_path, ctx.outdir / MNN_FILE)
@@ -486,7 +489,7 @@ def run(spec: Spec, ctx: Any) -> Result:
         input_names=names,
         output_names=list(candidate.output_names) or output_names,
         converter_log=log,
-        export=None if setting is None else {"opset": setting[0], "dynamic_batch": setting[1]},
+        export=None if exported is None else {"opset": exported[0], "dynamic_batch": exported[1]},
         export_attempts=attempts,
         reference_runtime=reference_runtime,
         verified_shapes={t.name: list(t.shape) for t in inputs},

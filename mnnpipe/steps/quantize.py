@@ -361,6 +361,9 @@ class _Evaluator:
         labelled = y is not None and kind == "classification"
         self.fp32_accuracy = float((self.reference.argmax(1) == y).mean()) if labelled else None
 
+    def close(self) -> None:
+        self._server.close()
+
     def outputs(self, path: Path) -> np.ndarray:
         m = self._server.measure(ModelRef(uri=str(path), format="mnn"), path)
         assert m.eval_outputs is not None
@@ -393,19 +396,13 @@ def _budget_problems(spec: Spec, ev: Evaluation) -> list[str]:
         if ev.accuracy_drop_pp > spec.max_accuracy_drop + 1e-9:
             return [f"accuracy drop {ev.accuracy_drop_pp:.2f} pp > max_accuracy_drop {spec.max_accuracy_drop} pp"]
         return []
-    if ev.fidelity is not None:
-        from ..verify import violations
+    from ..verify import violations
 
-        tol = spec.fidelity
-        if "max_abs_error" not in tol.model_fields_set:  # int8 always moves outputs by more than fp32's default
-            tol = tol.model_copy(update={"max_abs_error": None})
-        return violations(ev.fidelity, tol)
-    problems = []
-    if not ev.cosine >= spec.fidelity.min_cosine:  # NaN (inf outputs) fails
-        problems.append(f"output cosine {ev.cosine:.6f} < {spec.fidelity.min_cosine}")
-    if ev.top1_agreement is not None and ev.top1_agreement < spec.fidelity.min_top1_agreement:
-        problems.append(f"top-1 agreement {ev.top1_agreement:.4f} < {spec.fidelity.min_top1_agreement}")
-    return problems
+    assert ev.fidelity is not None, "every evaluation of a candidate carries its fidelity"
+    tol = spec.fidelity
+    if "max_abs_error" not in tol.model_fields_set:  # int8 always moves outputs by more than fp32's default
+        tol = tol.model_copy(update={"max_abs_error": None})
+    return violations(ev.fidelity, tol)
 
 
 def _size_warnings(spec: Spec, fp32_size: int, size: int) -> list[str]:
@@ -430,8 +427,7 @@ def _miss(spec: Spec, ev: Evaluation) -> str:
     """Why `ev` misses the budget, then every metric measured (not only the one that failed)."""
     from ..verify import describe
 
-    text = "; ".join(_budget_problems(spec, ev))
-    return f"{text}; measured: {describe(ev.fidelity)}" if ev.fidelity is not None else text
+    return f"{'; '.join(_budget_problems(spec, ev))}; measured: {describe(ev.fidelity)}"
 
 
 # --------------------------------------------------------------------------- full int8
@@ -660,15 +656,18 @@ def run(spec: Spec, ctx) -> Result:
     evaluator = _Evaluator(fp32, ev_data.x, ev_data.y, spec.threads, spec.timeout_s, spec.fidelity.output_kind)
 
     table, skip, attempts, tried = None, [], 1, []
-    if spec.mode == "full-int8":
-        candidate, ev, skip, table, attempts, tried = _full_int8(spec, ctx, fp32, evaluator)
-    elif spec.mode == "qat":
-        candidate, skip = _qat(spec, ctx, name, shape)
-        ev = evaluator.evaluate(candidate)
-    else:
-        weights = spec.weights or _default_weights(spec.mode)
-        candidate = _to_mnn(spec, ctx, spec.mode, weights)
-        ev = evaluator.evaluate(candidate)
+    try:
+        if spec.mode == "full-int8":
+            candidate, ev, skip, table, attempts, tried = _full_int8(spec, ctx, fp32, evaluator)
+        elif spec.mode == "qat":
+            candidate, skip = _qat(spec, ctx, name, shape)
+            ev = evaluator.evaluate(candidate)
+        else:
+            weights = spec.weights or _default_weights(spec.mode)
+            candidate = _to_mnn(spec, ctx, spec.mode, weights)
+            ev = evaluator.evaluate(candidate)
+    finally:  # the evaluation server's child holds MNN: never leave it behind
+        evaluator.close()
 
     problems = _budget_problems(spec, ev)
     if problems:
