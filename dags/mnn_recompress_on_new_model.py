@@ -27,6 +27,7 @@ from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, get_curr
 from mnnpipe.airflow import config
 from mnnpipe.airflow.pipelines import compress_chain, pulled, release_task
 from mnnpipe.airflow.release import recipe_digest
+from mnnpipe.release import release_prefix
 
 # The model this DAG compresses: the digits example. Edit for your model (see dags/README.md).
 MODEL_INPUT = {"name": "input", "shape": [1, 1, 8, 8]}
@@ -63,7 +64,7 @@ with DAG(
         return pick(
             events=(context.get("triggering_asset_events") or {}).get(config.NEW_MODEL_ASSET, []),
             registry=config.resolve("model_registry", params),
-            processed_marker=config.resolve("artifact_prefix", params) + "/released/{name}/{version}/" + DIGEST + "/manifest.json",
+            processed_marker=release_prefix(config.resolve("artifact_prefix", params) + "/released", "{name}", "{version}", DIGEST) + "/manifest.json",
         )
 
     @task_group(group_id="compress")

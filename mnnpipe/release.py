@@ -19,6 +19,11 @@ from .store import MANIFEST, join, store_for
 LATEST = "latest.json"
 
 
+def release_prefix(release_root: str, name: str, version: str, digest: str) -> str:
+    """Where a model version's release for one recipe digest is published (the gate's output)."""
+    return join(release_root, name, version, digest)
+
+
 def latest_uri(release_root: str, name: str) -> str:
     return join(release_root, name, LATEST)
 

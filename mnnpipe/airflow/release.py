@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from ..registry import check_version
+from ..release import release_prefix
 
 #: Labels the DAGs' benchmark gives the fp32 and int8 models (see pipelines.compress_chain).
 FP32_LABEL = "mnn-fp32"
@@ -23,10 +24,6 @@ INT8_LABEL = "mnn-int8"
 def recipe_digest(recipe: dict[str, Any]) -> str:
     """16 hex digits naming what the DAG does to a model: a changed recipe releases anew."""
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def release_prefix(release_root: str, name: str, version: str, digest: str) -> str:
-    return f"{release_root.rstrip('/')}/{name}/{version}/{digest}"
 
 
 def gate_spec(max_accuracy_drop_pp: float, digest: str) -> dict[str, Any]:

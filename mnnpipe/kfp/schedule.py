@@ -27,6 +27,7 @@ from ..container import resolve_image
 from ..errors import SpecError
 from ..specs import check_uri
 from ..registry import ModelVersion, list_versions
+from ..release import release_prefix
 from ..store import MANIFEST, join, store_for
 from .pipeline import DEFAULT_RELEASE_ROOT, DEFAULT_STORE_PREFIX, build_pipeline, compile_pipeline
 from .recipe import parse_recipe, recipe_digest
@@ -107,7 +108,7 @@ def create_nightly_run(
 
 
 def release_marker(release_root: str, name: str, version: str, digest: str) -> str:
-    return join(release_root, name, version, digest, MANIFEST)
+    return join(release_prefix(release_root, name, version, digest), MANIFEST)
 
 
 def attempts_uri(store_prefix: str, name: str, version: str, digest: str) -> str:
