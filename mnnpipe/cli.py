@@ -18,7 +18,7 @@ from . import __version__
 from .errors import MnnpipeError, SpecError
 from .spectext import SPEC_MAX_BYTES, SPEC_MAX_DEPTH, SPEC_MAX_NODES, load_yaml, parse_spec_text  # noqa: F401  (the CLI's API too)
 from .store import redact
-from .steps import STEP_NAMES, available_steps
+from . import catalog
 
 
 def load_spec_file(path: str) -> dict[str, Any]:
@@ -103,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="Show tracebacks for unexpected errors.")
     parser.add_argument("--version", action="version", version=f"mnnpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    steps = catalog.names()
 
     run = sub.add_parser("run", help="Run one step from a spec file.")
-    run.add_argument("step", choices=STEP_NAMES)
+    run.add_argument("step", choices=steps)
     src = run.add_mutually_exclusive_group(required=True)
     src.add_argument("--spec", help="YAML or JSON spec file ('-' for stdin).")
     src.add_argument("--spec-json", help="The spec as a JSON string (how KFP passes it).")
@@ -122,12 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     val = sub.add_parser("validate", help="Validate a spec without running it.")
-    val.add_argument("step", choices=STEP_NAMES)
+    val.add_argument("step", choices=steps)
     val.add_argument("--spec", required=True)
     val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
     schema = sub.add_parser("schema", help="Print a step's JSON Schema.")
-    schema.add_argument("step", choices=STEP_NAMES)
+    schema.add_argument("step", choices=steps)
 
     sub.add_parser("steps", help="List the steps this installation provides.")
 
@@ -177,12 +178,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .runner import parse_spec, run_step
 
     if args.command == "schema":
-        from .steps import step_module
-
-        print(json.dumps(step_module(args.step).Spec.model_json_schema(), indent=2))
+        print(json.dumps(catalog.get(args.step).spec.model_json_schema(), indent=2))
         return 0
     if args.command == "steps":
-        print("\n".join(available_steps()))
+        print("\n".join(catalog.names()))
         return 0
     if args.command == "validate":
         spec = parse_spec(args.step, _spec_data(args))

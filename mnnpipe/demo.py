@@ -1,10 +1,11 @@
 """The main job: a whole compression pipeline on the embedded default (a local artifact folder)
 and bundled demo data (scikit-learn's handwritten digits, real scans shipped with the package).
 
-    train teacher -> distill -> prune -> convert -> quantize -> benchmark
+    train teacher -> distill -> prune -> convert -> quantize -> benchmark -> gate (release)
 
-Each stage is the real step, run through `run_step` exactly as the CLI, KFP and Airflow run it,
-so a second run is served from the content-addressed cache.
+The steps are the default recipe (mnnpipe.default_recipe) rendered locally (mnnpipe.local): the
+same recipe object the KFP pipeline and the Airflow DAGs render, each step run through
+`run_step` as the CLI, KFP and Airflow run it, so a second run is served from the cache.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .default_recipe import DEFAULT_RECIPE, digits
 from .specs import StepResult
 
-DIGITS = {"format": "sklearn-digits", "preprocess": {"channels": "GRAY"}}
-INPUT = {"name": "input", "shape": [1, 1, 8, 8]}
-
-
-def digits(split: str, **extra: Any) -> dict[str, Any]:
-    return {**DIGITS, "split": split, **extra}
+#: The demo's model name and version in its local release folder.
+NAME, VERSION = "digits", "1"
 
 
 def train_teacher(folder: Path, epochs: int = 15) -> Path:
@@ -47,74 +45,10 @@ def train_teacher(folder: Path, epochs: int = 15) -> Path:
     return path
 
 
-def pipeline_specs(workdir: Path, teacher: Path) -> list[tuple[str, Any]]:
-    """Specs of each stage; later ones read earlier results (a callable gets the results so far)."""
-    out = lambda name: str(workdir / name)  # noqa: E731
-    teacher_ref = {"uri": str(teacher), "format": "state-dict", "factory": "mnnpipe.models:digits_cnn"}
-    return [
-        ("distill", lambda r: {
-            "output": out("distill"),
-            "teacher": teacher_ref,
-            "student": {"architecture": "digits_cnn", "width": 0.5},
-            "dataset": {**DIGITS},
-            "temperature": 4.0,
-            "alpha": 0.7,
-            "training": {"epochs": 20, "lr": 2e-3, "patience": 6},
-        }),
-        ("prune", lambda r: {
-            "output": out("prune"),
-            "model": {
-                "uri": r["distill"].artifacts["student.pth"].uri,
-                "format": "state-dict",
-                "factory": r["distill"].student_factory,
-                "factory_kwargs": r["distill"].student_factory_kwargs,
-            },
-            "input": INPUT,
-            "method": "structured",
-            "importance": "activation",
-            "target": {"by": "channels", "ratio": 0.3},
-            "calibration": digits("train", limit=256),
-            "finetune": {"dataset": digits("train"), "epochs": 8, "distill": True},
-            "evaluation": digits("test"),
-        }),
-        ("convert", lambda r: {
-            "output": out("convert"),
-            "model": {"uri": r["prune"].artifacts["model.pt"].uri},
-            "inputs": [INPUT],
-            "samples": digits("test"),
-            "num_samples": 64,
-        }),
-        ("quantize", lambda r: {
-            "output": out("quantize"),
-            "model": {"uri": r["convert"].artifacts["model.mnn"].uri},
-            "input": INPUT,
-            "mode": "full-int8",
-            "calibration": digits("train"),
-            "evaluation": digits("test"),
-            "calibration_samples": 200,
-            "max_accuracy_drop": 1.0,
-        }),
-        ("benchmark", lambda r: {
-            "output": out("benchmark"),
-            "models": [
-                {"label": "teacher-torch", "model": teacher_ref},
-                {"label": "student-torch", "model": {"uri": r["distill"].artifacts["model.pt"].uri}},
-                {"label": "pruned-torch", "model": {"uri": r["prune"].artifacts["model.pt"].uri}},
-                {"label": "pruned-mnn-fp32", "model": {"uri": r["convert"].artifacts["model.mnn"].uri}},
-                {"label": "pruned-mnn-int8", "model": {"uri": r["quantize"].artifacts["model.mnn"].uri}},
-            ],
-            "dataset": digits("test"),
-            "inputs": [INPUT],
-            "threads": [1],
-            "warmup": 10,
-            "iterations": 100,
-            "reference": "pruned-mnn-fp32",
-        }),
-    ]
-
-
-def run_demo(workdir: Path, *, use_cache: bool = True, quiet: bool = False) -> dict[str, StepResult]:
-    from .runner import run_step
+def run_demo(workdir: Path, *, use_cache: bool = True, quiet: bool = False, recipe: dict[str, Any] | None = None) -> dict[str, StepResult]:
+    """Train the teacher, then run the default recipe on it (mnnpipe.default_recipe) exactly as
+    KFP and Airflow run it, releasing under `<workdir>/released`. Returns each step's result."""
+    from .local import run_recipe
 
     workdir = workdir.resolve()
     t0 = time.perf_counter()
@@ -122,16 +56,20 @@ def run_demo(workdir: Path, *, use_cache: bool = True, quiet: bool = False) -> d
     say(f"mnnpipe demo: artifacts in {workdir}")
     teacher = train_teacher(workdir / "teacher")
     say(f"  teacher    trained on digits ({json.loads((workdir / 'teacher' / 'teacher.json').read_text())['test_accuracy']:.1%} test top-1)")
-    results: dict[str, StepResult] = {}
-    for step, make_spec in pipeline_specs(workdir, teacher):
-        started = time.perf_counter()
-        results[step] = run_step(step, make_spec(results), use_cache=use_cache, quiet=quiet)
-        cached = " (cached)" if results[step].cached else ""
-        say(f"  {step:<10} {summary(step, results[step])}  [{time.perf_counter() - started:.1f} s{cached}]")
-    report = results["benchmark"].artifacts.get("report.md")
-    if report is not None:
+
+    def report(step: str, result: StepResult, seconds: float) -> None:
+        cached = " (cached)" if result.cached else ""
+        say(f"  {step:<10} {summary(step, result)}  [{seconds:.1f} s{cached}]")
+
+    run = run_recipe(
+        recipe or DEFAULT_RECIPE, model_uri=str(teacher), output=str(workdir), release_root=str(workdir / "released"),
+        name=NAME, version=VERSION, use_cache=use_cache, quiet=quiet, on_step=report,
+    )  # fmt: skip
+    results = {**run.results, **({run.plan.release.step: run.release} if run.release is not None else {})}
+    report_md = results["benchmark"].artifacts.get("report.md") if "benchmark" in results else None
+    if report_md is not None:
         say("")
-        say(Path(report.uri).read_text().strip())
+        say(Path(report_md.uri).read_text().strip())
     say("")
     say(f"done in {time.perf_counter() - t0:.0f} s. Artifacts (each folder has manifest.json + result.json):")
     for step, result in results.items():
@@ -149,4 +87,8 @@ def summary(step: str, r: Any) -> str:
         return f"model.mnn {r.mnn_bytes:,} B, max abs error {r.fidelity.max_abs_error:.1e}, top-1 agreement {r.fidelity.top1_agreement:.0%}"
     if step == "quantize":
         return f"int8 model.mnn {r.size_bytes:,} B ({r.size_ratio:.2f}x fp32), top-1 {r.fp32.accuracy:.1%} -> {r.quantized.accuracy:.1%}"
-    return f"{len(r.models)} models measured on {r.eval_samples} samples"
+    if step == "benchmark":
+        return f"{len(r.models)} models measured on {r.eval_samples} samples"
+    if step == "gate":
+        return f"released {r.metric} {r.value:.1%} ({r.drop:+.2f} points vs {r.reference:.1%}) -> latest: {r.latest_moved}" if r.drop is not None else f"released {r.metric} {r.value:.4g}"
+    return ", ".join(f"{k}={v:.4g}" for k, v in list(r.metrics.items())[:4])

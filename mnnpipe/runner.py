@@ -25,7 +25,8 @@ from pydantic import BaseModel, ValidationError
 from . import __version__
 from .errors import InputError, IntegrityError, MnnpipeError, SpecError
 from .specs import Artifact, DatasetRef, ModelRef, StepResult, StepSpec
-from .steps import step_module
+from .catalog import StepDef, get
+from .context import StepContext, cache_root
 from .store import MANIFEST, RESULT, OutputLock, fetch, fetch_verified, iter_files, join, same_location, sha256_file, sha256_path, store_for
 
 log = logging.getLogger("mnnpipe")
@@ -45,48 +46,9 @@ MEDIA_TYPES = {
 }
 
 
-@dataclass
-class StepContext:
-    """What a step may touch: its inputs (fetched and digested), a scratch folder, an output folder."""
-
-    workdir: Path
-    outdir: Path
-    quiet: bool = False
-    input_paths: dict[str, Path] = field(default_factory=dict)
-    input_digests: dict[str, str] = field(default_factory=dict)
-
-    def local(self, uri: str) -> Path:
-        """The local path of an input URI (fetched once, verified against its manifest if any)."""
-        if uri not in self.input_paths:
-            path = fetch(uri, self.workdir / "inputs")
-            self.input_paths[uri] = path
-            self.input_digests[uri] = sha256_path(path)
-        return self.input_paths[uri]
-
-    def child(self, name: str) -> StepContext:
-        """A context for running another step's `run` inside this one (its outdir is scratch, not
-        published), sharing the inputs already fetched and digested."""
-        work = self.scratch(name)
-        sub = StepContext(workdir=work, outdir=work / "out", quiet=True, input_paths=self.input_paths, input_digests=self.input_digests)
-        sub.outdir.mkdir(exist_ok=True)
-        return sub
-
-    def scratch(self, name: str) -> Path:
-        path = self.workdir / "scratch" / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
-        """A progress bar on stderr for long loops; silent with --quiet or when not a terminal."""
-        from tqdm import tqdm
-
-        disable = self.quiet or not sys.stderr.isatty()
-        yield from tqdm(iterable, desc=desc, total=total, disable=disable, leave=False)
-
-
 def parse_spec(step: str, data: dict[str, Any]) -> StepSpec:
     """Validate a spec dict; the first problem becomes one line naming the field."""
-    spec_cls = step_module(step).Spec
+    spec_cls = get(step).spec
     data = dict(data)
     kind = data.setdefault("kind", step)
     if kind != step:
@@ -173,14 +135,8 @@ def cache_key(step: str, spec: StepSpec, digests: dict[str, str]) -> str:
 
 
 def cache_index_uri(output: str, key: str) -> str:
-    """Where the cache entry for `key` lives: MNNPIPE_CACHE_URI, else beside the outputs' store."""
-    root = os.environ.get("MNNPIPE_CACHE_URI")
-    if not root:
-        if output.startswith("s3://"):
-            root = f"s3://{output[5:].split('/', 1)[0]}/.mnnpipe-cache"
-        else:
-            root = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnnpipe" / "index")
-    return join(root, f"{key}.json")
+    """Where the cache entry for `key` lives: under the cache root (MNNPIPE_CACHE_URI, else beside the outputs' store)."""
+    return join(cache_root(output), f"{key}.json")
 
 
 def read_manifest(output: str) -> dict[str, Any] | None:
@@ -352,35 +308,42 @@ def _process_settings_kept() -> Iterator[None]:
 
 def run_step(step: str, spec: StepSpec | dict[str, Any], *, use_cache: bool = True, quiet: bool = False) -> StepResult:
     """Validate the spec, fetch and digest inputs, serve from cache or run, publish. The one entry point."""
-    module = step_module(step)
+    definition = get(step)
     if not isinstance(spec, StepSpec):
         spec = parse_spec(step, spec)
+    elif not isinstance(spec, definition.spec):
+        raise SpecError(f"kind: spec is for step '{spec.kind}', not '{step}'")
     with _process_settings_kept():
-        return _run(step, module, spec, use_cache=use_cache, quiet=quiet)
+        return _run(definition, spec, use_cache=use_cache, quiet=quiet)
 
 
-def _run(step: str, module: Any, spec: StepSpec, *, use_cache: bool, quiet: bool) -> StepResult:
+def _run(definition: StepDef, spec: StepSpec, *, use_cache: bool, quiet: bool) -> StepResult:
+    step = definition.name
     started_at = _now()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"mnnpipe-{step}-") as tmp, OutputLock(spec.output):
-        ctx = StepContext(workdir=Path(tmp), outdir=Path(tmp) / "out", quiet=quiet)
+        ctx = StepContext(workdir=Path(tmp), outdir=Path(tmp) / "out", quiet=quiet, output=spec.output)
         ctx.outdir.mkdir()
         for uri in input_refs(spec):
             ctx.local(uri)
-        key = cache_key(step, spec, ctx.input_digests)
-        if use_cache and getattr(module, "CACHEABLE", True):
-            hit = _cached(step, spec, key, module.Result)
+        key = ctx.key = cache_key(step, spec, ctx.input_digests)
+        if use_cache and definition.cacheable:
+            hit = _cached(step, spec, key, definition.result)
             if hit is not None:
                 log.info("cache hit for %s (key %s): skipped the work", step, key[:12])
-                return _after_publish(module, spec, hit)
+                return _after_publish(definition, spec, hit, ctx)
         log.info("running %s -> %s", step, spec.output)
-        result = module.run(spec, ctx)
+        result = definition.run(spec, ctx)
+        if not isinstance(result, definition.result):
+            raise AssertionError(f"step {step} returned {type(result).__name__}, not its Result")
         result.metrics.setdefault("step_seconds", round(time.perf_counter() - t0, 3))
-        return _after_publish(module, spec, publish(step, spec, result, ctx.outdir, ctx.input_digests, key, started_at))
+        return _after_publish(definition, spec, publish(step, spec, result, ctx.outdir, ctx.input_digests, key, started_at), ctx)
 
 
-def _after_publish(module: Any, spec: StepSpec, result: StepResult) -> StepResult:
-    """A step's `after_publish(spec, result)` hook, if it has one: what may happen only once the
-    output's manifest exists (the gate moves `latest.json` to the release). Under the output lock."""
-    hook = getattr(module, "after_publish", None)
+def _after_publish(definition: StepDef, spec: StepSpec, result: StepResult, ctx: StepContext) -> StepResult:
+    """What may happen only once the output's manifest exists, under the output lock: the step's
+    checkpoints (model-sized, outside the manifest, kept only to resume a crashed run) go, then
+    the step's own `after_publish` hook runs (the gate moves `latest.json` to the release)."""
+    ctx.checkpoints.clear()
+    hook = definition.after_publish
     return hook(spec, result) if hook is not None else result

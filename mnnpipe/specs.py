@@ -286,6 +286,10 @@ class Tolerance(Strict):
     )
 
 
+#: Fields every StepSpec has that the orchestrator, not the user, decides.
+ENVELOPE_FIELDS = ("kind", "schema_version", "output")
+
+
 class StepSpec(Strict):
     """Fields every step spec has. Subclasses add `kind: Literal[...]` and their parameters."""
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import InputError, SpecError
 from ..specs import StepSpec
-from ..steps import step_module
+from .. import catalog
 
 PULL_POLICIES: tuple[str, ...] = ("Always", "IfNotPresent", "Never")
 #: Where KubernetesPodOperator's xcom sidecar reads a task's return value from.
@@ -79,7 +79,7 @@ def spec_dict(step: str, spec: StepSpec | Mapping[str, Any]) -> dict[str, Any]:
     """
     from pydantic import ValidationError
 
-    spec_cls = step_module(step).Spec
+    spec_cls = catalog.get(step).spec
     if isinstance(spec, StepSpec):
         if not isinstance(spec, spec_cls):
             raise SpecError(f"spec: expected a {step} spec ({spec_cls.__module__}.Spec), got {type(spec).__module__}.{type(spec).__name__}")
@@ -150,4 +150,4 @@ def summary_line(step: str, result: Any) -> str:
 
 
 def operator_class_name(step: str) -> str:
-    return f"Mnn{step.capitalize()}Operator"
+    return "Mnn" + "".join(part.capitalize() for part in step.split("_")) + "Operator"

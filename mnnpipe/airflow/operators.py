@@ -36,7 +36,7 @@ from airflow.sdk import BaseOperator
 from ..container import resolve_image, step_command
 from ..errors import InputError, SpecError
 from ..specs import StepSpec
-from ..steps import STEP_NAMES, step_module
+from .. import catalog
 from .common import (  # noqa: F401  (spec_dict, has_templates...: public here too)
     DEFAULT_RESOURCES,
     POD_RESULT_PATH,
@@ -163,7 +163,7 @@ class MnnStepOperator(BaseOperator):
                     result = run_step(self.step, spec, use_cache=self.use_cache, quiet=True)
             else:
                 raw = self.build_pod_operator(spec).execute(context)
-                result = step_module(self.step).Result.model_validate(raw)
+                result = catalog.get(self.step).result.model_validate(raw)
         except (SpecError, InputError) as e:
             # A wrong spec or a missing input stays wrong on every retry.
             raise AirflowFailException(f"{self.step}: {e}") from e
@@ -213,9 +213,7 @@ class MnnStepOperator(BaseOperator):
 
 def _document(cls: type[MnnStepOperator]) -> None:
     """The class docstring from the step's Spec (its summary and every field's description)."""
-    if importlib.util.find_spec(f"mnnpipe.steps.{cls.step}") is None:
-        return  # not installed here: operator_class refuses the step
-    spec_cls = step_module(cls.step).Spec
+    spec_cls = catalog.get(cls.step).spec
     fields = "\n".join(
         f"    - ``{field}``: {info.description or ''}" for field, info in spec_cls.model_fields.items() if field not in ("kind", "schema_version")
     )
@@ -246,19 +244,24 @@ class MnnGateOperator(MnnStepOperator):
     step = "gate"
 
 
+#: The bundled steps' classes are written out above so that type checkers and IDEs see them; a
+#: step registered elsewhere (a team's own) gets an equivalent class made on first use.
 _CLASSES: dict[str, type[MnnStepOperator]] = {
     cls.step: cls
     for cls in (MnnDistillOperator, MnnPruneOperator, MnnQuantizeOperator, MnnConvertOperator, MnnBenchmarkOperator, MnnGateOperator)
 }
 for _cls in _CLASSES.values():
     _document(_cls)
-# One class per step, no more and no fewer: a new step needs its class above.
-assert set(_CLASSES) == set(STEP_NAMES), f"operator classes {sorted(_CLASSES)} != steps {sorted(STEP_NAMES)}"
 
 __all__ = ["MnnStepOperator", "operator_class", *(operator_class_name(step) for step in _CLASSES)]
 
 
 def operator_class(step: str) -> type[MnnStepOperator]:
     """The operator class of `step` (its docstring lists the Spec's fields)."""
-    step_module(step)  # an unknown step is a SpecError naming the steps there are
+    catalog.get(step)  # an unknown step is a SpecError naming the steps there are
+    if step not in _CLASSES:
+        name = operator_class_name(step)
+        cls = type(name, (MnnStepOperator,), {"step": step, "__module__": __name__, "__qualname__": name})
+        _document(cls)
+        _CLASSES[step] = cls
     return _CLASSES[step]

@@ -1,17 +1,28 @@
-"""Task chains the bundled DAGs share: the compression steps wired through XCom.
+"""The Airflow rendering of a recipe (`mnnpipe.recipe.plan`): one task per planned step, wired
+through XCom, and the release gate after them.
 
-Each step's spec takes its input model from the previous step's Result in XCom
-(`{{ ti.xcom_pull(task_ids=...)['artifacts']['model.mnn']['uri'] }}`), so the chain works the
-same whether the steps run in-process or in pods.
+Each wire of a step's spec takes its model from the source model's URI (a template, e.g. a
+version pulled from XCom) or from the Result an earlier step pushed to XCom
+(`{{ ti.xcom_pull(task_ids=..., map_indexes=ti.map_index)['artifacts']['model.mnn']['uri'] }}`),
+so the chain works the same whether the steps run in-process or in pods, in a mapped task group
+or outside one. Step order, specs and hand-offs all come from the plan: a change of recipe
+changes every DAG that renders it (see `mnnpipe.local` and `mnnpipe.kfp.pipeline`, the other
+renderings).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections.abc import Mapping
+from pathlib import PurePosixPath
 from typing import Any
 
 from . import config
+from .. import catalog
 from ..errors import SpecError
-from .operators import KUBERNETES_EXTRA_MISSING, MnnStepOperator, kubernetes_provider_installed, operator_class
+from ..recipe import SOURCE, Plan, plan, wired_spec
+from .operators import KUBERNETES_EXTRA_MISSING, kubernetes_provider_installed, operator_class
 
 
 def pulled(task_id: str) -> str:
@@ -40,103 +51,140 @@ def step_operator(step: str, *, task_id: str | None = None, spec: dict[str, Any]
     return operator_class(step)(task_id=task_id or step, spec=spec, execution=execution, **kwargs)
 
 
-def compress_chain(
+def handoff_artifact(step: str) -> str:
+    """The artifact `step` hands on (a path under its output, e.g. 'model.mnn')."""
+    hands_on = catalog.get(step).hands_on
+    if hands_on is None:
+        raise SpecError(f"step {step} hands no model on")
+    return hands_on.artifact
+
+
+def _set_path(spec: dict[str, Any], step: str, path: list[str], value: Any) -> None:
+    """Write `value` at `path` (keys; list indices as digits) in `spec`, creating missing mappings."""
+    node: Any = spec
+    for i, part in enumerate(path):
+        key: Any = int(part) if isinstance(node, list) and part.isdigit() else part
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not isinstance(key, int) or not -len(node) <= key < len(node):
+                raise SpecError(f"template {step}.{'.'.join(path)}: no item {part} in {step}.{'.'.join(path[:i])}")
+        elif not isinstance(node, dict):
+            raise SpecError(f"template {step}.{'.'.join(path)}: {step}.{'.'.join(path[:i])} is not a mapping")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+
+
+def apply_templates(specs: Mapping[str, dict[str, Any]], templates: Mapping[str, Any] | None) -> None:
+    """Write each `templates` value ("<step>.<field>[.<field>...]" -> a Jinja string, usually
+    `{{ params.x }}`) over the spec of that step, in place; a path naming no planned step is a
+    SpecError (a typo would otherwise be silently ignored)."""
+    for dotted, value in (templates or {}).items():
+        step, _, rest = dotted.partition(".")
+        if step not in specs or not rest:
+            raise SpecError(f"template '{dotted}': expected <step>.<field> with <step> one of {', '.join(specs)}")
+        _set_path(specs[step], step, rest.split("."), value)
+
+
+def recipe_specs(
+    recipe_plan: Plan,
     *,
     model_uri: str,
     output: str,
-    model_input: dict[str, Any],
-    calibration: dict[str, Any],
-    evaluation: dict[str, Any],
-    max_accuracy_drop: float = 1.0,
-    benchmark_iterations: int = 30,
     group: str = "",
-) -> list[MnnStepOperator]:
-    """convert -> quantize (full int8) -> benchmark, in the current DAG.
-
-    `model_uri` and `output` may be templates; each step publishes under `{output}/{step}`.
-    Returns the operators in order (`release_task` gates and releases their result). Inside a
-    task group, `group` is its group_id (the prefix Airflow gives the task ids the specs pull from).
-    """
+    templates: Mapping[str, Any] | None = None,
+    datasets: dict[str, str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Each planned step's spec as `render_recipe` gives it to its operator (by step name, in order)."""
     prefix = f"{group}." if group else ""
-    convert = step_operator(
-        "convert",
-        spec={"model": {"uri": model_uri, "format": "torchscript"}, "inputs": [model_input], "output": f"{output}/convert"},
-    )
-    quantize = step_operator(
-        "quantize",
-        spec={
-            "model": {"uri": artifact_uri(prefix + "convert", "model.mnn"), "format": "mnn"},
-            "mode": "full-int8",
-            "calibration": calibration,
-            "evaluation": evaluation,
-            "calibration_samples": 64,
-            "max_accuracy_drop": max_accuracy_drop,
-            "output": f"{output}/quantize",
-        },
-    )
-    benchmark = step_operator(
-        "benchmark",
-        spec=benchmark_spec(
-            models={
-                "source": {"uri": model_uri, "format": "torchscript"},
-                "mnn-fp32": {"uri": artifact_uri(prefix + "convert", "model.mnn"), "format": "mnn"},
-                "mnn-int8": {"uri": artifact_uri(prefix + "quantize", "model.mnn"), "format": "mnn"},
-            },
-            evaluation=evaluation,
-            iterations=benchmark_iterations,
-            output=f"{output}/benchmark",
-        ),
-    )
-    chain = [convert, quantize, benchmark]
+    uris = {SOURCE: model_uri}
+    specs: dict[str, dict[str, Any]] = {}
+    for planned in recipe_plan.steps:
+        specs[planned.step] = wired_spec(planned, uris, output=f"{output}/{planned.step}", datasets=datasets)
+        if catalog.get(planned.step).hands_on is not None:
+            uris[planned.step] = artifact_uri(prefix + planned.step, handoff_artifact(planned.step))
+    apply_templates(specs, templates)
+    return specs
+
+
+def render_recipe(
+    recipe: Any,
+    *,
+    model_uri: str,
+    output: str,
+    group: str = "",
+    templates: dict[str, Any] | None = None,
+    datasets: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One step task per planned step of `recipe`, chained with >> in the plan's order, in the
+    current DAG (or task group). Returns the operators by step name (`release_task` gates and
+    releases their result).
+
+    - `model_uri`: the source model (a template is fine, e.g. a version pulled from XCom);
+    - `output`: each step publishes under `{output}/{step}` (a template is fine);
+    - `group`: inside a task group, its group_id (the prefix Airflow gives the task ids the
+      specs pull their input models from);
+    - `templates`: dotted spec paths -> Jinja strings written over the wired specs, e.g.
+      {"distill.training.epochs": "{{ params.distill_epochs }}"} (the operators validate a
+      templated value after rendering);
+    - `datasets`: dataset field -> URI, bound where a step's spec has that dataset field.
+    """
+    recipe_plan = recipe if isinstance(recipe, Plan) else plan(recipe)
+    specs = recipe_specs(recipe_plan, model_uri=model_uri, output=output, group=group, templates=templates, datasets=datasets)
+    operators: dict[str, Any] = {step: step_operator(step, spec=spec) for step, spec in specs.items()}
+    chain = list(operators.values())
     for upstream, downstream in zip(chain, chain[1:]):
         upstream >> downstream
-    return chain
+    return operators
 
 
-def release_task(*, found: Any, quantized: Any, benchmarked: Any, release_root: str, digest: str, max_accuracy_drop: float = 1.0) -> Any:
-    """The gate and the release, after `compress_chain` (the same gate as KFP's, same budget units
-    as quantize's `max_accuracy_drop`): publishes `{release_root}/{name}/{version}/{digest}/`,
-    moves `{release_root}/{name}/latest.json` forward and emits `config.RELEASED_ASSET`.
+def release_task(recipe: Any, operators: Mapping[str, Any], *, found: Any, release_root: str, move_latest: bool = True) -> Any:
+    """The release step after `render_recipe`'s tasks (the same gate as KFP's and the local
+    runner's, `mnnpipe.recipe.release_spec`): the candidate is what the plan's `candidate_from`
+    step handed on, judged by the `metrics_from` step's metrics against the `reference_from`
+    step's. Within budget it publishes `{release_root}/{name}/{version}/{plan digest}/`, moves
+    `{release_root}/{name}/latest.json` forward and emits `config.RELEASED_ASSET`; over budget the
+    task fails without retries (a retry cannot change the verdict).
 
-    `found`, `quantized`, `benchmarked`: XComArgs of the version dict and the two steps' Results.
+    `operators`: render_recipe's result; `found`: an XComArg of the version dict
+    ({"version", "model_uri", "name"}); `release_root` may be a template.
     """
     from airflow.sdk import get_current_context, task
 
-    from .release import gate_spec
+    recipe_plan = recipe if isinstance(recipe, Plan) else plan(recipe)
+    release = recipe_plan.release
+    needed = [release.candidate_from, release.metrics_from, *([release.reference_from] if release.reference_from else [])]
+    results = {step: operators[step].output for step in dict.fromkeys(needed)}
 
     @task(task_id="release", outlets=[config.RELEASED_ASSET])
-    def release(found: dict[str, str], quantized: dict[str, Any], benchmarked: dict[str, Any], release_root: str, gate: dict[str, Any]) -> dict[str, Any]:
+    def release_step(found: dict[str, str], results: dict[str, dict[str, Any]], release_root: str, planned: dict[str, Any], digest: str, move_latest: bool) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowFailException
 
         from ..errors import SpecError, StepFailed
+        from ..recipe import PlannedRelease
         from .release import gate_and_release
 
         try:
-            result = gate_and_release(found=found, quantized=quantized, benchmarked=benchmarked, release_root=release_root, gate=gate)
+            result = gate_and_release(
+                PlannedRelease(**planned), found=found, results=results, release_root=release_root, digest=digest, move_latest=move_latest
+            )
         except (SpecError, StepFailed) as e:  # over budget stays over budget on every retry
             raise AirflowFailException(str(e)) from e
+        # The gate publishes the candidate under its own file name (the hand-off's).
+        released_file = PurePosixPath(handoff_artifact(planned["candidate_from"])).name
         context = get_current_context()
         context["outlet_events"][config.RELEASED_ASSET].extra = {
             "name": found.get("name", ""),
             "version": found["version"],
             "release": result["released"],
-            "model_uri": result["artifacts"]["model.mnn"]["uri"],
+            "model_uri": result["artifacts"][released_file]["uri"],
             "latest_moved": result["latest_moved"],
         }
         return result
 
-    return release(found, quantized, benchmarked, release_root, gate_spec(max_accuracy_drop, digest))
-
-
-def benchmark_spec(*, models: dict[str, dict[str, Any]], evaluation: dict[str, Any], iterations: int, output: str) -> dict[str, Any]:
-    """Every model side by side on the evaluation set, compared with the fp32 .mnn."""
-    return {
-        "models": [{"label": label, "model": ref} for label, ref in models.items()],
-        "dataset": evaluation,
-        "threads": [1],
-        "batch_sizes": [1],
-        "warmup": 5,
-        "iterations": iterations,
-        "reference": "mnn-fp32",
-        "output": output,
-    }
+    # The planned release as plain data: it is a templated argument, shown rendered in the UI.
+    planned = copy.deepcopy(dataclasses.asdict(release))
+    return release_step(found, results, release_root, planned, recipe_plan.digest, move_latest)

@@ -171,10 +171,10 @@ class MnnStepPodOperator(KubernetesPodOperator):
         return result
 
     def _log_summary(self, raw: Any) -> None:
-        from ..steps import step_module
+        from .. import catalog
 
         try:
-            result = step_module(self.step).Result.model_validate(raw)
+            result = catalog.get(self.step).result.model_validate(raw)
         except ValueError:
             self.log.warning("%s: the pod's result is not a %s Result: %s", self.step, self.step, str(raw)[:500])
             return
@@ -186,10 +186,10 @@ _CLASSES: dict[str, type[MnnStepPodOperator]] = {}
 
 def pod_operator_class(step: str) -> type[MnnStepPodOperator]:
     """The pod operator class of `step` (e.g. MnnConvertPodOperator), made once."""
-    from ..steps import step_module
+    from .. import catalog
 
     if step not in _CLASSES:
-        step_module(step)  # unknown steps fail here, with the list of known ones
+        catalog.get(step)  # unknown steps fail here, with the list of known ones
         name = operator_class_name(step).replace("Operator", "PodOperator")
         _CLASSES[step] = type(name, (MnnStepPodOperator,), {"step": step, "__module__": __name__, "__qualname__": name})
     return _CLASSES[step]

@@ -9,30 +9,25 @@ The child (`python -m mnnpipe.engines.confined_torch`) imports torch, confines i
 (mnnpipe.sandbox: writes only in `workdir`, no sockets) and only then loads the model, so the
 model's code (and a scripted `__setstate__` run by torch.jit.load) never runs unconfined. Arrays
 travel as .npy files in `workdir`; requests go over the child's stdin, replies over a pipe the
-child's model code cannot forge (one line of JSON each).
+child's model code cannot forge (one line of JSON each; engines.line_child).
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from mnnpipe.engines.runtimes import warn_if_unconfined
-from mnnpipe.errors import InputError, MnnpipeError, SpecError, StepFailed, ToolError
+from mnnpipe.engines.line_child import LineChild, NoReply, confine, error_reply, raise_reported, serve_lines, warn_if_unconfined
+from mnnpipe.errors import MnnpipeError, ToolError
 from mnnpipe.sandbox import check_confine_policy
 from mnnpipe.specs import ModelRef
-
-_TAIL = 4
-_ERRORS = {"InputError": InputError, "SpecError": SpecError, "StepFailed": StepFailed, "ToolError": ToolError}
 
 
 class ConfinedTorchModel:
@@ -44,47 +39,24 @@ class ConfinedTorchModel:
         self.timeout_s = timeout_s
         self.workdir = Path(tempfile.mkdtemp(prefix="torch-", dir=workdir))
         self._count = 0
-        self._log = tempfile.TemporaryFile()
-        reply_r, reply_w = os.pipe()
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "mnnpipe.engines.confined_torch", str(reply_w)],
-                stdin=subprocess.PIPE,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-                pass_fds=(reply_w,),
-            )
-        finally:
-            os.close(reply_w)
-        self._replies = os.fdopen(reply_r, "rb")
-        self._finalizer = weakref.finalize(self, _shutdown, self._proc, self._replies, self._log, self.workdir)
+        self._child = LineChild(
+            [sys.executable, "-m", "mnnpipe.engines.confined_torch"],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            cleanup=functools.partial(shutil.rmtree, self.workdir, ignore_errors=True),
+        )
         load = {"op": "load", "ref": ref.model_dump(mode="json"), "path": str(Path(path).absolute()), "workdir": str(self.workdir)}
         warn_if_unconfined(self._call({**load, "input_names": self.input_names}).get("confinement", {}))
 
-    def _log_tail(self) -> str:
-        self._log.seek(0)
-        lines = [ln for ln in self._log.read().decode(errors="replace").splitlines() if ln.strip()]
-        return " | ".join(lines[-_TAIL:]) or "no log output"
-
     def _call(self, request: dict[str, Any]) -> dict[str, Any]:
-        import select
-
         try:
-            assert self._proc.stdin is not None
-            self._proc.stdin.write((json.dumps(request) + "\n").encode())
-            self._proc.stdin.flush()
-        except OSError:
-            raise ToolError(f"the torch process for {self.ref.uri} exited ({self._log_tail()})") from None
-        ready, _, _ = select.select([self._replies], [], [], self.timeout_s)
-        line = self._replies.readline() if ready else b""
-        if not line:
-            self.close()
-            what = "timed out" if not ready else "exited"
-            raise ToolError(f"the torch process for {self.ref.uri} {what} during '{request['op']}' ({self._log_tail()})")
-        reply = json.loads(line)
+            reply = self._child.call(request, self.timeout_s)
+        except NoReply as e:
+            if not e.sent:
+                raise ToolError(f"the torch process for {self.ref.uri} exited ({e.log_tail})") from None
+            what = "timed out" if e.timed_out else "exited"
+            raise ToolError(f"the torch process for {self.ref.uri} {what} during '{request['op']}' ({e.log_tail})") from None
         if "error" in reply:
-            raise _ERRORS.get(reply["error"]["type"], ToolError)(reply["error"]["message"])
+            raise_reported(reply["error"])
         return reply
 
     def _save(self, arrays: Sequence[np.ndarray]) -> list[str]:
@@ -119,7 +91,7 @@ class ConfinedTorchModel:
         return list(reply["output_names"])
 
     def close(self) -> None:
-        self._finalizer()
+        self._child.close()
 
     def __enter__(self) -> ConfinedTorchModel:
         return self
@@ -128,46 +100,27 @@ class ConfinedTorchModel:
         self.close()
 
 
-def _shutdown(proc: subprocess.Popen, replies: Any, log: Any, workdir: Path) -> None:
-    if proc.poll() is None:
-        try:
-            assert proc.stdin is not None
-            proc.stdin.close()  # end of requests: the child exits
-            proc.wait(timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
-    replies.close()
-    log.close()
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- the child
 
 
 def _serve(reply_fd: int) -> int:
     import torch
 
-    from mnnpipe import sandbox
     from mnnpipe.engines.onnx_export import export_onnx
     from mnnpipe.engines.runtimes import TorchRunner
     from mnnpipe.modelio import load_torch
 
     torch.set_num_threads(1)
-    replies = os.fdopen(reply_fd, "w")
     runner: TorchRunner | None = None
-    for line in sys.stdin:
-        request = json.loads(line)
+
+    def handle(request: dict[str, Any]) -> dict[str, Any]:
+        nonlocal runner
         try:
             if request["op"] == "load":
-                workdir = Path(request["workdir"])
-                try:
-                    confinement = sandbox.confine([workdir])  # before the model is even loaded
-                except sandbox.ConfinementError as exc:
-                    raise ToolError(str(exc)) from None
+                confinement = confine([Path(request["workdir"])])  # before the model is even loaded
                 ref = ModelRef.model_validate(request["ref"])
                 runner = TorchRunner(load_torch(ref, Path(request["path"])), request["input_names"])
-                reply: dict[str, Any] = {"confinement": {"complete": confinement.complete, "describe": confinement.describe()}}
+                reply: dict[str, Any] = {"confinement": confinement}
             elif request["op"] == "run":
                 assert runner is not None
                 outs = runner.run([np.load(p) for p in request["inputs"]])
@@ -187,10 +140,10 @@ def _serve(reply_fd: int) -> int:
             for p in request.get("inputs", []) + request.get("example", []):
                 os.unlink(p)
         except MnnpipeError as exc:
-            reply = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-        replies.write(json.dumps(reply) + "\n")
-        replies.flush()
-    return 0
+            reply = error_reply(exc)
+        return reply
+
+    return serve_lines(reply_fd, handle)
 
 
 if __name__ == "__main__":

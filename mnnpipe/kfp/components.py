@@ -281,9 +281,9 @@ def _step_function(name: str) -> Any:
 
 
 def _public_names() -> list[str]:
-    from .recipe import component_steps
+    from .. import catalog
 
-    return component_steps()
+    return list(catalog.names())
 
 
 # One function per component, made from the same list the generator writes component.yaml for.

@@ -21,9 +21,9 @@ PIPELINE_FILE = "pipelines/compress.yaml"
 
 
 def component_names() -> list[str]:
-    from .recipe import component_steps
+    from .. import catalog
 
-    return component_steps()
+    return list(catalog.names())
 
 
 def component_readme(name: str, image: str) -> str:
@@ -111,9 +111,8 @@ def components_index(image: str) -> str:
 
 
 def pipeline_yaml(image: str) -> str:
-    from pipelines_compress import DEFAULT_RECIPE, PIPELINE_DEFAULTS  # type: ignore[import-not-found]
-
-    from .pipeline import build_pipeline, compile_pipeline
+    from ..default_recipe import DEFAULT_RECIPE
+    from .pipeline import PIPELINE_DEFAULTS, build_pipeline, compile_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "compress.yaml"
@@ -121,21 +120,8 @@ def pipeline_yaml(image: str) -> str:
         return path.read_text()
 
 
-def _load_pipeline_module(root: Path) -> None:
-    """Make pipelines/compress.py importable as `pipelines_compress` (it is not a package)."""
-    import importlib.util
-
-    if "pipelines_compress" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location("pipelines_compress", root / "pipelines" / "compress.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pipelines_compress"] = module
-    spec.loader.exec_module(module)
-
-
 def generated_files(root: Path, image: str = DEFAULT_IMAGE) -> dict[str, str]:
     """Every generated file's repository-relative path and its content."""
-    _load_pipeline_module(root)
     files = {"components/README.md": components_index(image)}
     for name in component_names():
         files[f"components/{name}/component.yaml"] = component_yaml(name, image)

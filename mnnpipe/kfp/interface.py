@@ -13,11 +13,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..specs import DatasetRef, ModelRef
-from ..steps import step_module
+from ..specs import ENVELOPE_FIELDS, DatasetRef, ModelRef  # noqa: F401  (ENVELOPE_FIELDS: public here too)
+from .. import catalog
 
-#: Fields every StepSpec has that the orchestrator, not the user, decides.
-ENVELOPE_FIELDS = ("kind", "schema_version", "output")
 #: Output artifact names of every generated component (inputs are named after Spec fields).
 OUTPUT_MODEL = "output_model"
 OUTPUT_METRICS = "metrics"
@@ -26,8 +24,8 @@ OUTPUT_REPORT = "report"
 #: published artifact with the first of these (an .mnn beats the .onnx it was converted from).
 MODEL_EXTENSIONS = (".mnn", ".pt", ".pt2", ".pth", ".onnx")
 #: How many items of a model list (benchmark's `models`) get an artifact input of their own,
-#: `<field>_item0` ... : enough to wire fp32 and int8 (and a source, a baseline) side by side.
-LIST_ITEM_INPUTS = 4
+#: `<field>_item0` ... : enough for a recipe comparing the source and every step's model (compare: every-step).
+LIST_ITEM_INPUTS = 6
 
 
 @dataclass
@@ -93,10 +91,6 @@ class StepInterface:
         return tuple(f for f in self.ref_inputs if self.spec_cls.model_fields[f].is_required())
 
 
-#: Steps that measure but publish no model. Every other step hands a model to the next one.
-MEASURE_ONLY = frozenset({"benchmark"})
-
-
 def _model_list_item_field(annotation: Any) -> str | None:
     """For list[X] where X is a pydantic model with a ModelRef field: that field's name."""
     if typing.get_origin(annotation) not in (list, tuple):
@@ -137,19 +131,19 @@ def _is_metric_values(annotation: Any) -> bool:
 
 
 def step_interface(name: str) -> StepInterface:
-    module = step_module(name)
-    fields = module.Spec.model_fields
+    step = catalog.get(name)
+    fields = step.spec.model_fields
     lists = tuple((f, sub) for f, info in fields.items() if (sub := _model_list_item_field(info.annotation)))
     list_names = {f for f, _ in lists}
     models = tuple(f for f, info in fields.items() if _contains(info.annotation, ModelRef) or f in list_names)
     datasets = tuple(f for f, info in fields.items() if _contains(info.annotation, DatasetRef))
     return StepInterface(
         name=name,
-        spec_cls=module.Spec,
-        result_cls=module.Result,
+        spec_cls=step.spec,
+        result_cls=step.result,
         model_inputs=models,
         dataset_inputs=datasets,
-        produces_model=name not in MEASURE_ONLY,
+        produces_model=step.hands_on is not None or step.stage == "release",
         model_lists=lists,
         metrics_inputs=tuple(f for f, info in fields.items() if _is_metric_values(info.annotation)),
     )

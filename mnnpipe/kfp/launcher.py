@@ -235,10 +235,10 @@ def with_settings(spec_json: str | dict[str, Any], settings: dict[str, Any]) -> 
 
 
 def setting_names(step: str) -> set[str]:
-    from ..steps import step_module
+    from .. import catalog
     from .interface import setting_fields
 
-    return {name for name, _ in setting_fields(step_module(step).Spec)}
+    return {name for name, _ in setting_fields(catalog.get(step).spec)}
 
 
 def launch_lightweight(

@@ -19,21 +19,32 @@ import json
 from typing import Any, Literal
 
 from ..container import image_note, resolve_image
-from .interface import OUTPUT_METRICS, OUTPUT_MODEL, step_interface
-from .recipe import RELEASE_STEP, parse_recipe, pipeline_steps, recipe_digest, section, wired_model_field, wired_value
+from ..recipe import SOURCE, parse_recipe, plan
+from .interface import OUTPUT_METRICS, OUTPUT_MODEL
 
 PIPELINE_NAME = "mnnpipe-compress"
 DEFAULT_STORE_PREFIX = "s3://mnnpipe/runs"
 DEFAULT_RELEASE_ROOT = "s3://mnnpipe/released"
+#: The parameters' defaults of the committed pipelines/compress.yaml (the digits example).
+PIPELINE_DEFAULTS = {
+    "model_uri": "s3://models/digits/1/model.pth",
+    "model_name": "digits",
+    "model_version": "1",
+    "store_prefix": DEFAULT_STORE_PREFIX,
+    "release_root": DEFAULT_RELEASE_ROOT,
+}
+
+
+def compress_pipeline(**overrides: Any) -> Any:
+    """The compress pipeline with the default recipe (mnnpipe.default_recipe) and PIPELINE_DEFAULTS."""
+    from ..default_recipe import DEFAULT_RECIPE
+
+    return build_pipeline(DEFAULT_RECIPE, **{**PIPELINE_DEFAULTS, **overrides})
 
 
 def dataset_parameters(recipe: Any) -> tuple[str, ...]:
     """`<field>_uri` pipeline parameters: one per dataset field of the steps the recipe runs."""
-    names: list[str] = []
-    for step in pipeline_steps():
-        if getattr(recipe, step, None) is not None:
-            names += [f"{f}_uri" for f in step_interface(step).dataset_inputs]
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys(f"{f}_uri" for planned in plan(recipe).steps for f in planned.datasets))
 
 
 def build_pipeline(
@@ -61,14 +72,14 @@ def build_pipeline(
     """
     from kfp import dsl
 
-    from .components import make_component, with_task_defaults
+    from .components import with_task_defaults
     from .latest import LATEST, make_latest_component
     from .latest import OUTPUTS as LATEST_OUTPUTS
 
     recipe = parse_recipe(recipe, model_uri=model_uri)
-    digest = recipe_digest(recipe)
+    recipe_plan = plan(recipe)
+    digest = recipe_plan.digest
     image = resolve_image(image)
-    steps = [s for s in pipeline_steps() if getattr(recipe, s) is not None]
     data_params = dataset_parameters(recipe)
     model = {"model_registry": model_registry} if model_registry is not None else {
         "model_uri": model_uri,
@@ -81,8 +92,6 @@ def build_pipeline(
         "release_root": release_root,
         **{p: "" for p in data_params},
     }
-    source = recipe.model.model_dump(mode="json", exclude_unset=True)
-    gate_spec = {**recipe.gate.model_dump(mode="json", exclude_unset=True), "recipe_digest": digest, "move_latest": True}
 
     def compress(*args: Any) -> None:
         p = dict(zip(defaults, args))
@@ -90,44 +99,17 @@ def build_pipeline(
             latest = with_task_defaults(make_latest_component(form, image)(model_registry=p["model_registry"])).set_display_name(LATEST)
             p.update({name: latest.outputs[name] for name in LATEST_OUTPUTS})
         run_prefix = f"{p['store_prefix']}/{p['model_name']}/{p['model_version']}/{digest}"
-        model_task = metrics_task = None
-        for step in steps:
-            iface = step_interface(step)
-            spec = section(recipe, step)
-            kwargs: dict[str, Any] = {"output_uri": f"{run_prefix}/{step}"}
-            wired = wired_model_field(iface)
-            if wired is not None:
-                how = spec.get(wired) or {}  # how to read the wired model (format, factory), from the recipe
-                if model_task is None:  # the first step reads the source model
-                    spec[wired] = wired_value(iface, {**source, **how})
-                    kwargs[f"{wired}_uri"] = p["model_uri"]
-                else:
-                    spec[wired] = wired_value(iface, how)  # the launcher fills in the artifact's uri
-                    kwargs[wired] = model_task.outputs[OUTPUT_MODEL]
-            for field in iface.dataset_inputs:
-                kwargs[f"{field}_uri"] = p[f"{field}_uri"]
-            task = make_component(step, form, image)(spec=json.dumps(spec, sort_keys=True), **kwargs)
-            # Caching off: KFP's cache keys on parameter strings, not on the bytes behind model_uri (a
-            # new model at the same URI would be served stale); mnnpipe's own cache is keyed on content.
-            with_task_defaults(task).set_display_name(step)
-            if iface.produces_model:
-                model_task = task
-            metrics_task = task
-        gate = make_component(RELEASE_STEP, form, image)(
-            spec=json.dumps(gate_spec, sort_keys=True),
+        tasks = render_steps(recipe_plan, form=form, image=image, model_uri=p["model_uri"], run_prefix=run_prefix, dataset_uris=p)
+        render_release(
+            recipe_plan, tasks, form=form, image=image,
             output_uri=f"{p['release_root']}/{p['model_name']}/{p['model_version']}/{digest}",
-            candidate=model_task.outputs[OUTPUT_MODEL],
-            candidate_metrics=metrics_task.outputs[OUTPUT_METRICS],
-            # The model step's own metrics (e.g. quantize's fp32_accuracy) are the gate's reference.
-            **({"reference_metrics": model_task.outputs[OUTPUT_METRICS]} if metrics_task is not model_task else {}),
-        )
-        with_task_defaults(gate).set_display_name(RELEASE_STEP)
+        )  # fmt: skip
 
     compress.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=str) for n, d in defaults.items()]
     )
     compress.__doc__ = (
-        f"Compress a model for MNN: {' -> '.join([*steps, 'gate'])} (recipe {digest}).\n\n"
+        f"Compress a model for MNN: {' -> '.join([*(s.step for s in recipe_plan.steps), recipe_plan.release.step])} (recipe {digest}).\n\n"
         "Args:\n"
         + (
             "    model_registry: Registry prefix; the newest {model_registry}/<version>/model.<ext> is compressed.\n"
@@ -142,6 +124,51 @@ def build_pipeline(
     )
     description = f"{compress.__doc__.split(chr(10))[0]} {image_note(image)}"
     return dsl.pipeline(name=PIPELINE_NAME, description=description, pipeline_root=pipeline_root)(compress)
+
+
+def render_steps(recipe_plan: Any, *, form: str, image: str, model_uri: Any, run_prefix: str, dataset_uris: dict[str, Any]) -> dict[str, Any]:
+    """One task per planned step, wired: each step publishes to `<run_prefix>/<step>`; a wire
+    from the source takes `model_uri`, one from an earlier step that step's output model.
+    Returns the tasks by step name."""
+    from .components import make_component, with_task_defaults
+
+    tasks: dict[str, Any] = {}
+    for planned in recipe_plan.steps:
+        kwargs: dict[str, Any] = {"output_uri": f"{run_prefix}/{planned.step}"}
+        for wire in planned.wires:
+            field = wire.path[0]
+            if wire.source == SOURCE:
+                kwargs[f"{field}_uri"] = model_uri  # fills every wired item still without a uri
+            elif len(wire.path) == 1:
+                kwargs[field] = tasks[wire.source].outputs[OUTPUT_MODEL]
+            else:
+                kwargs[f"{field}_item{wire.path[1]}"] = tasks[wire.source].outputs[OUTPUT_MODEL]
+        for field in planned.datasets:
+            value = dataset_uris.get(f"{field}_uri")
+            if value is not None:
+                kwargs[f"{field}_uri"] = value
+        task = make_component(planned.step, form, image)(spec=json.dumps(planned.spec, sort_keys=True), **kwargs)
+        # Caching off: KFP's cache keys on parameter strings, not on the bytes behind model_uri (a
+        # new model at the same URI would be served stale); mnnpipe's own cache is keyed on content.
+        with_task_defaults(task).set_display_name(planned.step)
+        tasks[planned.step] = task
+    return tasks
+
+
+def render_release(recipe_plan: Any, tasks: dict[str, Any], *, form: str, image: str, output_uri: Any, move_latest: bool = True) -> Any:
+    """The release gate after the planned steps: the candidate model, judged by the metrics step's
+    metrics against the reference step's (e.g. quantize's own fp32_accuracy)."""
+    from .components import make_component, with_task_defaults
+
+    release = recipe_plan.release
+    gate = make_component(release.step, form, image)(
+        spec=json.dumps({**release.spec, "move_latest": move_latest}, sort_keys=True),
+        output_uri=output_uri,
+        candidate=tasks[release.candidate_from].outputs[OUTPUT_MODEL],
+        candidate_metrics=tasks[release.metrics_from].outputs[OUTPUT_METRICS],
+        **({"reference_metrics": tasks[release.reference_from].outputs[OUTPUT_METRICS]} if release.reference_from else {}),
+    )
+    return with_task_defaults(gate).set_display_name(release.step)
 
 
 def compile_pipeline(pipeline: Any, path: str) -> None:

@@ -30,7 +30,7 @@ from ..registry import ModelVersion, list_versions
 from ..release import release_prefix
 from ..store import MANIFEST, join, store_for
 from .pipeline import DEFAULT_RELEASE_ROOT, DEFAULT_STORE_PREFIX, build_pipeline, compile_pipeline
-from .recipe import parse_recipe, recipe_digest
+from ..recipe import parse_recipe, recipe_digest
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..catalog import register
 from ..errors import InputError
 from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, TensorSpec, check_sample_memory, tensor_bytes
 from ..verify import Fidelity, compare
@@ -279,7 +280,7 @@ def _time_source_built(spec: Spec, ctx: Any, targets: list[tuple[str, ModelRef, 
 
 def run(spec: Spec, ctx: Any) -> Result:
     from ..engines.peers import size_bytes
-    from ..engines.runtimes import MeasureServer, setting_key
+    from ..engines.measure import MeasureServer, setting_key
     from ..report import machine_info
     from ..train import topk_accuracy
 
@@ -468,3 +469,6 @@ def write_reports(result: Result, spec: Spec, outdir: Any) -> None:
         "mnn_source_built": [r.model_dump() for r in result.mnn_source_built],
     }
     (outdir / METRICS_FILE).write_text(json.dumps(payload, indent=2))
+
+
+register(name="benchmark", spec=Spec, result=Result, run=run, stage="measure", model_input="models")

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from ..catalog import HandOff, register
 from ..errors import InputError, SpecError, StepFailed, ToolError
 from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, TensorSpec, Tolerance, check_sample_memory, tensor_bytes
 from ..verify import Fidelity, check, compare
@@ -504,3 +505,6 @@ def _describe_weights(w: WeightCompression) -> str:
     if w.bits is not None:
         return f"{w.bits}-bit weights"
     return "fp32"
+
+
+register(name="convert", spec=Spec, result=Result, run=run, stage="convert", model_input="model", hands_on=HandOff("model.mnn", "mnn"), optional=False)

@@ -21,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import posixpath
 import re
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from ..catalog import HandOff, register
 from ..errors import InputError, StepFailed
 from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, check_factory
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..data import Dataset
-    from ..runner import StepContext
+    from ..context import StepContext
 
 log = logging.getLogger("mnnpipe.distill")
 
@@ -222,7 +222,6 @@ def run(spec: Spec, ctx: StepContext) -> Result:
 
     from ..models import count_params
     from ..modelio import load_torch
-    from ..runner import cache_key
     from ..train import FeatureDistiller, FitConfig, FitHistory, accuracy, fit, seed_everything, topk_accuracy
 
     train_set, val_set, test_set = _load_splits(spec.dataset, ctx)
@@ -254,9 +253,8 @@ def run(spec: Spec, ctx: StepContext) -> Result:
         except ValueError as e:
             raise InputError(f"features: {e}") from None
 
-    digest = cache_key("distill", spec, ctx.input_digests)
     start_epoch, resume_state, history = 0, None, None
-    checkpoint = _latest_checkpoint(spec.output, digest, ctx)
+    checkpoint = _latest_checkpoint(ctx)
     if checkpoint is not None:
         student.load_state_dict(checkpoint["model"])
         start_epoch, resume_state = checkpoint["epoch"], checkpoint["state"]
@@ -264,7 +262,7 @@ def run(spec: Spec, ctx: StepContext) -> Result:
         log.info("resuming distillation from checkpoint epoch-%d", start_epoch)
 
     def save_checkpoint(epoch: int, model: nn.Module, state: dict, hist: Any) -> None:
-        _store_checkpoint(spec.output, ctx, digest, epoch + 1, model, state, hist)
+        _store_checkpoint(ctx, epoch + 1, model, state, hist)
 
     t0 = time.perf_counter()
     history = fit(
@@ -399,18 +397,6 @@ def _set_requires_grad(model: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def cache_root(output: str) -> str:
-    """Where step-independent caches live: the folder that holds the run cache's index.
-
-    Same rules as the run cache (mnnpipe.runner.cache_index_uri): MNNPIPE_CACHE_URI if set, else
-    `s3://<output bucket>/.mnnpipe-cache` for S3 outputs, else the XDG cache folder. Derived from
-    that function rather than re-implemented so the two never disagree.
-    """
-    from ..runner import cache_index_uri
-
-    return posixpath.dirname(cache_index_uri(output, "_"))
-
-
 def teacher_logits_key(spec: Spec, ctx: StepContext, x: np.ndarray) -> str:
     """Content key: the teacher's bytes and how they are read, and the exact input tensor.
 
@@ -434,18 +420,15 @@ def _teacher_logits(spec: Spec, ctx: StepContext, teacher: nn.Module, x: np.ndar
     """The teacher's logits for `x`, from the cache when an earlier run computed them. (logits, hit)."""
     import numpy as np
 
-    from ..store import join, store_for
     from ..train import predict
 
     if not spec.cache_teacher_logits:
         return predict(teacher, x), False
     key = teacher_logits_key(spec, ctx, x)
-    uri = join(cache_root(spec.output), "teacher-logits", f"{key}.npz")
-    store = store_for(uri)
-    local = ctx.scratch("teacher-logits") / f"{key}.npz"
-    if store.exists(uri):
+    cache = ctx.shared_cache("teacher-logits")
+    local = cache.get(f"{key}.npz")
+    if local is not None:
         try:
-            store.get(uri, local)
             with np.load(local, allow_pickle=False) as f:
                 logits = f["logits"]
             if logits.dtype == np.float32 and logits.ndim == 2 and len(logits) == len(x) and np.isfinite(logits).all():
@@ -454,28 +437,22 @@ def _teacher_logits(spec: Spec, ctx: StepContext, teacher: nn.Module, x: np.ndar
         except (ValueError, OSError, KeyError) as e:
             log.warning("teacher-logits cache entry %s is unreadable (%s); recomputing", key[:12], type(e).__name__)
     logits = predict(teacher, x).astype(np.float32)
+    local = ctx.scratch("teacher-logits") / f"{key}.npz"
     np.savez(local, logits=logits)
-    store.put(local, uri)
+    cache.put(local, f"{key}.npz")
     return logits, False
 
 
-def _checkpoint_prefix(output: str) -> str:
-    from ..store import join
-
-    return join(output, "checkpoints")
-
-
-def _store_checkpoint(output: str, ctx: StepContext, digest: str, completed: int, model: nn.Module, state: dict, history: Any) -> None:
-    """Write epoch-N.pt (state dicts only) to the store, then drop this run's older ones."""
+def _store_checkpoint(ctx: StepContext, completed: int, model: nn.Module, state: dict, history: Any) -> None:
+    """Write epoch-N.pt (state dicts only) among the step's checkpoints, then drop older ones.
+    The runner deletes them all once the output is published."""
     import torch
 
-    from ..store import join, store_for
-
-    local = ctx.scratch("checkpoints") / f"epoch-{completed}.pt"
+    local = ctx.scratch("checkpoint-out") / f"epoch-{completed}.pt"
     torch.save(
         {
             "format": CHECKPOINT_FORMAT,
-            "spec_digest": digest,
+            "spec_digest": ctx.key,
             "epoch": completed,
             "model": model.state_dict(),
             "state": state,
@@ -483,65 +460,40 @@ def _store_checkpoint(output: str, ctx: StepContext, digest: str, completed: int
         },
         local,
     )
-    prefix = _checkpoint_prefix(output)
-    uri = join(prefix, local.name)
-    store = store_for(uri)
-    store.put(local, uri)
+    ctx.checkpoints.save(local)
     local.unlink()
     # One checkpoint is enough to resume; keeping one per epoch would grow the store with the model.
-    for old in _checkpoint_uris(prefix):
-        n = _checkpoint_epoch(old)
-        if n is not None and n < completed:
-            store.delete(old)
+    for name in _checkpoint_names(ctx):
+        if _checkpoint_epoch(name) < completed:
+            ctx.checkpoints.delete(name)
 
 
-def after_publish(spec: Spec, result: Result) -> Result:
-    """The output is published: its checkpoints (model-sized, outside the manifest, only there to
-    resume a crashed run) go. A crash before this point keeps them for the rerun."""
-    from ..store import local_path, store_for
-
-    prefix = _checkpoint_prefix(spec.output)
-    for uri in _checkpoint_uris(prefix):
-        store_for(uri).delete(uri)
-    if "://" not in prefix or prefix.startswith("file://"):
-        folder = local_path(prefix)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-    return result
+def _checkpoint_names(ctx: StepContext) -> list[str]:
+    return [n for n in ctx.checkpoints.names() if _checkpoint_epoch(n) is not None]
 
 
-def _checkpoint_uris(prefix: str) -> list[str]:
-    from ..store import store_for
-
-    return [u for u in store_for(prefix).list(prefix) if _checkpoint_epoch(u) is not None]
-
-
-def _checkpoint_epoch(uri: str) -> int | None:
-    m = _CHECKPOINT_RE.match(posixpath.basename(uri))
+def _checkpoint_epoch(name: str) -> int | None:
+    m = _CHECKPOINT_RE.match(name)
     return int(m.group(1)) if m else None
 
 
-def _latest_checkpoint(output: str, digest: str, ctx: StepContext) -> dict | None:
-    """The newest readable checkpoint written by this same spec and inputs, or None."""
+def _latest_checkpoint(ctx: StepContext) -> dict | None:
+    """The newest readable checkpoint written by this same work (spec, inputs, engines), or None."""
     import torch
 
-    from ..store import store_for
-
-    prefix = _checkpoint_prefix(output)
-    for uri in sorted(_checkpoint_uris(prefix), key=_checkpoint_epoch, reverse=True):
-        local = ctx.scratch("resume") / posixpath.basename(uri)
-        try:
-            store_for(uri).get(uri, local)
-            data = torch.load(local, map_location="cpu", weights_only=True)
-        except InputError:
+    for name in sorted(_checkpoint_names(ctx), key=_checkpoint_epoch, reverse=True):
+        local = ctx.checkpoints.fetch(name)
+        if local is None:
             continue  # deleted between list and get
+        try:
+            data = torch.load(local, map_location="cpu", weights_only=True)
         except Exception as e:  # a torn or foreign file is not a reason to fail the run
-            log.warning("ignoring unreadable checkpoint %s (%s)", uri, type(e).__name__)
+            log.warning("ignoring unreadable checkpoint %s (%s)", name, type(e).__name__)
             continue
         if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
             continue
-        if data.get("spec_digest") != digest:
-            log.info("checkpoint %s belongs to another spec or inputs; starting fresh", uri)
+        if data.get("spec_digest") != ctx.key:
+            log.info("checkpoint %s belongs to another spec or inputs; starting fresh", name)
             continue
         return data
     return None
@@ -574,3 +526,6 @@ def _write_student(student: nn.Module, factory: str | None, factory_kwargs: dict
             {"state_dict": student.state_dict(), "factory": factory, "factory_kwargs": factory_kwargs},
             ctx.outdir / "student.pth",
         )
+
+
+register(name="distill", spec=Spec, result=Result, run=run, stage="train", model_input="teacher", hands_on=HandOff("model.pt", "torchscript"))

@@ -17,14 +17,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from ..catalog import register
 from ..errors import InputError, SpecError, StepFailed
 from ..registry import check_version
 from ..release import point_latest
 from ..specs import ModelRef, StepResult, StepSpec
-
-#: The result names the release's own prefix and source (`released`, `source`): a cache hit from
-#: another version's identical release would publish those stale. Copying one file is cheap.
-CACHEABLE = False
 
 #: Metric values, by name. A field of this type is a Metrics artifact input for an orchestrator.
 MetricValues = dict[str, float]
@@ -150,3 +147,11 @@ def after_publish(spec: Spec, result: Result) -> Result:
         return result
     root, name, version = release_layout(result.released)
     return result.model_copy(update={"latest_moved": point_latest(root, name, version, result.released)})
+
+
+# The result names the release's own prefix and source (`released`, `source`): a cache hit from
+# another version's identical release would publish those stale. Copying one file is cheap.
+register(
+    name="gate", spec=Spec, result=Result, run=run, stage="release", model_input="candidate",
+    cacheable=False, after_publish=after_publish, optional=False,
+)

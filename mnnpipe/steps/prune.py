@@ -7,8 +7,10 @@ channel ratio, or a parameter / MAC budget met by searching the ratio on a copy 
 Unstructured pruning zeroes the globally smallest weights; the masks are folded into the weights
 and the reported sparsity is counted from the saved file.
 
-`iterative_steps` > 1 prunes a little, fine-tunes, and repeats, each step moving the target a
-linear share of the way. Recovery reuses `mnnpipe.train.fit` (optionally distilling from the
+`iterative_steps` > 1 prunes a little, fine-tunes, and repeats. Structured steps follow one
+Torch-Pruning pruner's own schedule (its `iterative_steps`, linear scheduler): after step k of K
+every layer (uniform) or the model (global) has lost k/K of the final share of its original
+channels; unstructured steps reach k/K of the sparsity. Recovery reuses `mnnpipe.train.fit` (optionally distilling from the
 unpruned model). The output is TorchScript `model.pt` (a state-dict no longer fits the original
 class once channels are gone) and `model.pt2` when torch.export handles the pruned model.
 
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..catalog import HandOff, register
 from ..errors import InputError, SpecError, StepFailed
 from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, TensorSpec
 
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..data import Dataset
-    from ..runner import StepContext
+    from ..context import StepContext
 
 log = logging.getLogger("mnnpipe.prune")
 
@@ -273,9 +276,10 @@ def run(spec: Spec, ctx: StepContext) -> Result:
 
     records: list[StepRecord] = []
     acc_pruned = acc_finetuned = None
+    channel_pruning = _ChannelPruning(model, example, spec, ignored, calib_set, (macs_before, params_before)) if spec.method == "structured" else None
     for k in range(1, spec.iterative_steps + 1):
-        if spec.method == "structured":
-            _structured_step(model, example, spec, ignored, calib_set, k, (params_before, macs_before, before_channels))
+        if channel_pruning is not None:
+            channel_pruning.step(k)
         else:
             _unstructured_step(model, spec, ignored, k)
         # unstructured masks keep every shape (and tp's counter cannot deepcopy a masked model)
@@ -420,72 +424,107 @@ def _output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
 # --------------------------------------------------------------------------- structured
 
 
-def _structured_step(
-    model: nn.Module,
-    example: torch.Tensor,
-    spec: Spec,
-    ignored: list[str],
-    calib: Dataset | None,
-    k: int,
-    before: tuple[int, int, dict[str, int]],
-) -> None:
-    """Prune step k of K in place: channels by a linear schedule, or a params/MACs budget by bisection."""
-    from ..importance import CRITERIA, copy_scores
+class _ChannelPruning:
+    """Structured pruning over all iterative steps with one Torch-Pruning pruner, which owns the schedule.
 
-    criterion = CRITERIA[spec.importance]
-    if criterion.needs_batchnorm and not _has_batchnorm(model):
-        raise InputError(f"importance '{spec.importance}' ranks by batch-norm scales, but the model has no BatchNorm layers")
-    importance = criterion.make()
-    if criterion.needs_data:
-        assert calib is not None
-        criterion.prepare(model, _batches(calib, spec.calibration_batches), importance)
+    The pruner is built at the first step with `iterative_steps` and Torch-Pruning's linear
+    scheduler; each step calls its `step()` once, after scoring the model as it is then (data-
+    driven criteria), so fine-tuning between steps changes which channels go next. The final share
+    is `target.ratio` of the channels, or for a params / MACs budget the share found before the
+    first step by bisection on copies of the model pruned in one go. A uniform schedule's channel
+    counts do not depend on the path, so it meets the budget exactly; a global one ranks channels
+    anew each step and is checked after the last.
+    """
 
-    t, steps = spec.target, spec.iterative_steps
-    if t.by == "channels":
-        assert t.ratio is not None
-        keep_now, keep_next = 1 - t.ratio * (k - 1) / steps, 1 - t.ratio * k / steps
-        _prune_channels(model, example, importance, 1 - keep_next / keep_now, spec, ignored)
-        return
+    def __init__(
+        self, model: nn.Module, example: torch.Tensor, spec: Spec, ignored: list[str], calib: Dataset | None, before: tuple[int, int]
+    ) -> None:
+        from ..importance import CRITERIA
 
-    params_before, macs_before, _ = before
-    start = params_before if t.by == "params" else macs_before
-    final = t.count if t.count is not None else round(start * (1 - (t.ratio or 0)))
-    goal = start - (start - final) * k / steps
-    measure = 0 if t.by == "macs" else 1  # index into count_ops_and_params' (macs, params)
-    if _count(model, example)[measure] <= goal:
-        return
+        self.criterion = CRITERIA[spec.importance]
+        if self.criterion.needs_batchnorm and not _has_batchnorm(model):
+            raise InputError(f"importance '{spec.importance}' ranks by batch-norm scales, but the model has no BatchNorm layers")
+        self.model, self.example, self.spec, self.ignored, self.calib = model, example, spec, ignored, calib
+        self.importance = self.criterion.make()
+        self.before = before  # (MACs, params) of the unpruned model
+        self.pruner: object | None = None
+        self.budget: int | None = None
 
-    def trial(ratio: float) -> float:
-        candidate = copy.deepcopy(model)
-        copy_scores(model, candidate)
-        _prune_channels(candidate, example, importance, ratio, spec, ignored)
-        return _count(candidate, example)[measure]
+    def step(self, k: int) -> None:
+        """Prune step k of `spec.iterative_steps` in place."""
+        if k == 1:
+            self._score()
+            ratio = self._final_ratio()
+            if ratio <= 0:
+                return  # the budget is met already: nothing to prune in any step
+            self.pruner = _make_pruner(self.model, self.example, self.importance, ratio, self.spec, self.ignored)
+        elif self.pruner is None:
+            return
+        else:
+            self._score()
+        self.pruner.step()  # type: ignore[attr-defined]
+        if k == self.spec.iterative_steps and self.budget is not None:
+            by = self.spec.target.by
+            left = _count(self.model, self.example)[0 if by == "macs" else 1]
+            if left > self.budget:
+                raise StepFailed(
+                    f"target: {by} {left} after {k} steps is above the budget {self.budget}: the steps removed other channels "
+                    "than the search on the unpruned model (fine-tuning between the steps of global pruning ranks them anew); "
+                    "use scope 'uniform' or iterative_steps 1"
+                )
 
-    low, high = 0.0, spec.max_layer_ratio
-    smallest = trial(high)
-    if smallest > goal:
-        raise StepFailed(
-            f"target: cannot reach {t.by} <= {int(goal)} in step {k}: removing max_layer_ratio {high} of every prunable "
-            f"layer still leaves {int(smallest)}; raise max_layer_ratio, add iterative_steps or ignore fewer layers"
-        )
-    for _ in range(_SEARCH_ITERATIONS):
-        mid = (low + high) / 2
-        low, high = (low, mid) if trial(mid) <= goal else (mid, high)
-    _prune_channels(model, example, importance, high, spec, ignored)
+    def _score(self) -> None:
+        if self.criterion.needs_data:
+            assert self.calib is not None
+            self.criterion.prepare(self.model, _batches(self.calib, self.spec.calibration_batches), self.importance)
+
+    def _final_ratio(self) -> float:
+        """Share of the channels to remove by the last step: the channel ratio, or the budget's by bisection."""
+        from ..importance import copy_scores
+
+        t = self.spec.target
+        if t.by == "channels":
+            assert t.ratio is not None
+            return t.ratio
+        measure = 0 if t.by == "macs" else 1  # index into count_ops_and_params' (macs, params)
+        start = self.before[measure]
+        self.budget = t.count if t.count is not None else round(start * (1 - (t.ratio or 0)))
+        if start <= self.budget:
+            return 0.0
+
+        def trial(ratio: float) -> float:
+            candidate = copy.deepcopy(self.model)
+            copy_scores(self.model, candidate)
+            _make_pruner(candidate, self.example, self.importance, ratio, self.spec, self.ignored, steps=1).step()
+            return _count(candidate, self.example)[measure]
+
+        low, high = 0.0, self.spec.max_layer_ratio
+        smallest = trial(high)
+        if smallest > self.budget:
+            raise StepFailed(
+                f"target: cannot reach {t.by} <= {self.budget}: removing max_layer_ratio {high} of every prunable "
+                f"layer still leaves {int(smallest)}; raise max_layer_ratio or ignore fewer layers"
+            )
+        for _ in range(_SEARCH_ITERATIONS):
+            mid = (low + high) / 2
+            low, high = (low, mid) if trial(mid) <= self.budget else (mid, high)
+        return high
 
 
-def _prune_channels(model: nn.Module, example: torch.Tensor, importance: object, ratio: float, spec: Spec, ignored: list[str]) -> None:
+def _make_pruner(
+    model: nn.Module, example: torch.Tensor, importance: object, ratio: float, spec: Spec, ignored: list[str], steps: int | None = None
+) -> object:
+    """A MetaPruner that removes `ratio` of the channels over `steps` (default: spec.iterative_steps) calls of step()."""
     import torch_pruning as tp
 
-    if ratio <= 0:
-        return
     modules = dict(model.named_modules())
     try:
-        pruner = tp.pruner.MetaPruner(
+        return tp.pruner.MetaPruner(
             model,
             example,
             importance=importance,
             pruning_ratio=ratio,
+            iterative_steps=steps or spec.iterative_steps,
             global_pruning=spec.scope == "global",
             max_pruning_ratio=spec.max_layer_ratio,
             ignored_layers=[modules[n] for n in ignored],
@@ -493,7 +532,6 @@ def _prune_channels(model: nn.Module, example: torch.Tensor, importance: object,
         )
     except Exception as e:  # DepGraph raises many kinds for models it cannot trace
         raise InputError(f"model: Torch-Pruning cannot trace its dependencies ({_first_line(e)})") from None
-    pruner.step()
 
 
 def _batches(data: Dataset, limit: int, size: int = 32):
@@ -672,3 +710,6 @@ def _saved_zeros(saved: torch.jit.ScriptModule) -> tuple[int, int]:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+register(name="prune", spec=Spec, result=Result, run=run, stage="shrink", model_input="model", hands_on=HandOff("model.pt", "torchscript"))

@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..catalog import HandOff, register
 from ..errors import InputError, SpecError, StepFailed, ToolError
 from ..sensitivity import Evaluation, LayerSensitivity
 from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, TensorSpec, Tolerance
@@ -347,7 +348,7 @@ class _Evaluator:
         self, fp32_path: Path, x: np.ndarray, y: np.ndarray | None, threads: int, timeout_s: float = 1800,
         kind: str = "classification",
     ):
-        from ..engines.runtimes import MeasureServer
+        from ..engines.measure import MeasureServer
 
         self.x, self.y, self.threads, self.kind = x, y, threads, kind
         self.sample_shape: tuple[int, ...] = ()
@@ -815,3 +816,6 @@ def _qat(spec: Spec, ctx, name: str, shape: tuple[int, ...]) -> tuple[Path, list
 
 def _default_weights(mode: str) -> WeightCompression:
     return WeightCompression(fp16=True) if mode == "fp16" else WeightCompression(bits=8)
+
+
+register(name="quantize", spec=Spec, result=Result, run=run, stage="quantize", model_input="model", hands_on=HandOff("model.mnn", "mnn"))

@@ -138,7 +138,7 @@ def test_recompress_sweep_compresses_every_unprocessed_version(dagbag, s3_server
     from mnnpipe.airflow.config import RELEASED_ASSET
     from mnnpipe.registry import unprocessed_versions
     from mnnpipe.release import read_latest
-    from mnnpipe.steps import step_module
+    from mnnpipe import catalog
 
     DIGEST = dagbag.get_dag("mnn_recompress_on_new_model").get_task("compress.release").op_args[-1]["recipe_digest"]
 
@@ -156,10 +156,10 @@ def test_recompress_sweep_compresses_every_unprocessed_version(dagbag, s3_server
     for index, version in enumerate(["v2", "v3"]):
         assert results["compress.version"][index]["model_uri"] == f"s3://{s3_bucket}/models/{version}/model.pt"
         for step in STEPS:  # each instance publishes its own version's steps
-            result = step_module(step).Result.model_validate(results[f"compress.{step}"][index])
+            result = catalog.get(step).result.model_validate(results[f"compress.{step}"][index])
             assert result.output == f"s3://{s3_bucket}/artifacts/versions/{version}/{step}"
             assert _exists(s3_server, s3_bucket, f"artifacts/versions/{version}/{step}/manifest.json")
-        quantized = step_module("quantize").Result.model_validate(results["compress.quantize"][index])
+        quantized = catalog.get("quantize").result.model_validate(results["compress.quantize"][index])
         assert quantized.size_bytes < quantized.fp32_size_bytes
         assert quantized.model_dump()["artifacts"]["model.mnn"]["uri"].startswith(f"s3://{s3_bucket}/artifacts/versions/{version}/quantize/")
     assert not _exists(s3_server, s3_bucket, "artifacts/versions/v1/convert/")
@@ -182,7 +182,7 @@ def test_nightly_compression_distils_prunes_and_compresses_the_latest_version(da
     from airflow.models.variable import Variable
 
     from mnnpipe.airflow.config import path_segment
-    from mnnpipe.steps import step_module
+    from mnnpipe import catalog
 
     _publish_version(s3_server, s3_bucket, "20260101T000000", digits_model)
     latest = _publish_version(s3_server, s3_bucket, "20260102T000000", digits_model)
@@ -199,17 +199,17 @@ def test_nightly_compression_distils_prunes_and_compresses_the_latest_version(da
     assert run.state == "success"
     results = _return_values(run)
     assert results["latest_model"]["model_uri"] == latest
-    distilled = step_module("distill").Result.model_validate(results["distill"])
+    distilled = catalog.get("distill").result.model_validate(results["distill"])
     assert distilled.epochs_run == 1
     assert distilled.student_params < distilled.teacher_params
-    pruned = step_module("prune").Result.model_validate(results["prune"])
+    pruned = catalog.get("prune").result.model_validate(results["prune"])
     assert pruned.model_dump()["artifacts"]["model.pt"]["size"] < distilled.model_dump()["artifacts"]["model.pt"]["size"]
     run_segment = path_segment(run.run_id)  # each run its own prefix, whatever its logical date
     assert ":" not in run_segment and "+" not in run_segment and run_segment.startswith("manual__")
     for step in ("distill", "prune", *STEPS):
         assert results[step]["output"] == f"s3://{s3_bucket}/from-variable/nightly/{run_segment}/{step}"
         assert _exists(s3_server, s3_bucket, f"from-variable/nightly/{run_segment}/{step}/manifest.json")
-    convert = step_module("convert").Result.model_validate(results["convert"])
+    convert = catalog.get("convert").result.model_validate(results["convert"])
     assert convert.source_format == "torchscript"
     assert convert.artifacts["model.mnn"].uri.endswith(f"/nightly/{run_segment}/convert/model.mnn")
 
@@ -244,7 +244,7 @@ def test_the_pod_command_runs_the_step_outside_airflow(s3_server, s3_bucket, cac
 
     pytest.importorskip("airflow.providers.cncf.kubernetes", reason="needs the k8s extra")
     from mnnpipe.airflow.operators import POD_RESULT_PATH, MnnConvertOperator
-    from mnnpipe.steps import step_module
+    from mnnpipe import catalog
 
     model_uri = _publish_version(s3_server, s3_bucket, "v5", digits_model)
     op = MnnConvertOperator(
@@ -260,6 +260,6 @@ def test_the_pod_command_runs_the_step_outside_airflow(s3_server, s3_bucket, cac
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=os.environ.copy())
 
     assert done.returncode == 0, done.stderr[-2000:]
-    result = step_module("convert").Result.model_validate(json.loads(result_file.read_text()))
+    result = catalog.get("convert").result.model_validate(json.loads(result_file.read_text()))
     assert result.output == f"s3://{s3_bucket}/pod/convert"
     assert _exists(s3_server, s3_bucket, "pod/convert/manifest.json")

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from mnnpipe.models import digits_cnn
-from mnnpipe.steps import STEP_NAMES
+from mnnpipe import catalog
+
+STEP_NAMES = catalog.names()
 from mnnpipe.store import sha256_file, store_for
 
 pytestmark = pytest.mark.integration

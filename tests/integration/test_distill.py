@@ -63,8 +63,8 @@ def crash_after_checkpoint(monkeypatch, epoch):
     """Simulate a crash right after the checkpoint of `epoch` is stored."""
     store = distill._store_checkpoint
 
-    def store_then_crash(output, ctx, digest, completed, *args):
-        store(output, ctx, digest, completed, *args)
+    def store_then_crash(ctx, completed, *args):
+        store(ctx, completed, *args)
         if completed == epoch:
             raise RuntimeError(f"simulated crash after epoch {epoch}")
 

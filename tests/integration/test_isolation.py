@@ -269,12 +269,12 @@ _SERVER_WITHOUT_ALLOWLIST = [
     sys.executable,
     "-c",
     "import runpy, sys; import mnnpipe.graph_allowlist as g; g._ENABLED = False; "
-    "sys.argv = ['runtimes', *sys.argv[1:]]; runpy.run_module('mnnpipe.engines.runtimes', run_name='__main__')",
+    "sys.argv = ['measure_server', *sys.argv[1:]]; runpy.run_module('mnnpipe.engines.measure_server', run_name='__main__')",
 ]
 
 
 def test_a_model_past_the_allowlist_cannot_write_outside_its_folder(tmp_path, monkeypatch):
-    from mnnpipe.engines.runtimes import MeasureServer, measure_isolated
+    from mnnpipe.engines.measure import MeasureServer, measure_isolated
     from mnnpipe.errors import InputError
     from mnnpipe.specs import ModelRef
 
@@ -443,7 +443,7 @@ def test_the_mnn_tools_write_only_their_cwd_and_output_folder(tmp_path):
 
 def test_an_invalid_MNNPIPE_CONFINE_is_a_spec_error(tmp_path, monkeypatch):
     from mnnpipe.engines.mnn import convert_onnx_to_mnn
-    from mnnpipe.engines.runtimes import measure_isolated
+    from mnnpipe.engines.measure import measure_isolated
     from mnnpipe.errors import SpecError
     from mnnpipe.specs import ModelRef
 

@@ -72,7 +72,7 @@ def test_compress_pipeline_runs_end_to_end_and_releases(teacher_uri, s3_bucket, 
     from kfp import local
 
     from mnnpipe.kfp.pipeline import build_pipeline
-    from mnnpipe.kfp.recipe import parse_recipe, recipe_digest
+    from mnnpipe.recipe import parse_recipe, recipe_digest
 
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("PIP_NO_INDEX", "1")
@@ -220,7 +220,7 @@ def test_nightly_rejects_a_five_field_cron_before_calling_the_api(kfp_api, kfp_c
 def test_recompress_starts_runs_only_for_versions_without_a_release(kfp_api, kfp_client, s3_bucket, s3_server):
     # Arrange: three versions in the registry; version 2 already released with this recipe,
     # version 3 released with a different recipe (other digest) only.
-    from mnnpipe.kfp.recipe import parse_recipe, recipe_digest
+    from mnnpipe.recipe import parse_recipe, recipe_digest
     from mnnpipe.kfp.schedule import recompress
 
     s3 = s3_server.client()
@@ -318,7 +318,7 @@ def test_recompress_skips_a_version_in_flight_and_backs_off_one_that_keeps_faili
     import logging
     from datetime import datetime, timedelta, timezone
 
-    from mnnpipe.kfp.recipe import parse_recipe, recipe_digest
+    from mnnpipe.recipe import parse_recipe, recipe_digest
     from mnnpipe.kfp.schedule import recompress
 
     s3 = s3_server.client()

@@ -31,7 +31,7 @@ from mnnpipe.airflow.operators import MnnStepOperator, operator_class, spec_dict
 from mnnpipe.registry import list_versions, next_version, version_key  # noqa: E402
 from mnnpipe.container import step_command  # noqa: E402
 from mnnpipe.errors import SpecError  # noqa: E402
-from mnnpipe.steps import available_steps, step_module  # noqa: E402
+from mnnpipe import catalog  # noqa: E402
 
 CONVERT_SPEC = {
     "model": {"uri": "s3://models/digits/{{ ds_nodash }}/model.pt"},
@@ -41,7 +41,7 @@ CONVERT_SPEC = {
 
 
 def needs_convert() -> None:
-    if "convert" not in available_steps():
+    if "convert" not in catalog.names():
         pytest.skip("the convert step is not in this installation yet")
 
 
@@ -60,7 +60,7 @@ def test_provider_is_registered_with_airflow() -> None:
 
 
 def test_one_operator_class_per_step_named_after_it() -> None:
-    for step in available_steps():
+    for step in catalog.names():
         cls = getattr(operators, f"Mnn{step.capitalize()}Operator")
 
         assert issubclass(cls, MnnStepOperator)
@@ -68,7 +68,7 @@ def test_one_operator_class_per_step_named_after_it() -> None:
         assert cls is operator_class(step)
         assert cls.__module__ == "mnnpipe.airflow.operators"  # importable by name: DAG serialization
         assert "spec" in cls.template_fields
-        for field in step_module(step).Spec.model_fields:  # docs generated from the Spec
+        for field in catalog.get(step).spec.model_fields:  # docs generated from the Spec
             if field not in ("kind", "schema_version"):
                 assert f"``{field}``" in cls.__doc__
 
@@ -133,9 +133,9 @@ def test_a_rendered_spec_is_validated_in_full() -> None:
 
 def test_a_spec_instance_of_another_step_is_refused() -> None:
     needs_convert()
-    if "benchmark" not in available_steps():
+    if "benchmark" not in catalog.names():
         pytest.skip("needs the benchmark step")
-    other = step_module("benchmark").Spec(
+    other = catalog.get("benchmark").spec(
         models=[{"label": "m", "model": {"uri": "m.mnn"}}], inputs=[{"shape": [1, 4]}], output="out"
     )
 
@@ -242,7 +242,7 @@ def test_kubernetes_mode_renders_a_valid_pod_with_the_step_image_and_command(off
     assert base["image"] == "registry.example.com/mnnpipe-step:0.1.0"
     assert argv[:3] == ["mnnpipe", "run", "convert"]
     assert argv == step_command("convert", argv[4], result_path="/airflow/xcom/return.json")
-    sent = step_module("convert").Spec.model_validate_json(argv[4])
+    sent = catalog.get("convert").spec.model_validate_json(argv[4])
     assert sent.model.uri == "s3://models/digits/v7/model.pt"
     assert base["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "3Gi"}}
     assert base["env"] == [{"name": "MNNPIPE_S3_ENDPOINT_URL", "value": "http://minio.ml:9000"}]
@@ -448,7 +448,7 @@ def test_the_recompress_dag_runs_every_step_in_a_pod_by_default(offline_kubeconf
         doc = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(context=None))
         kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
         base = next(c for c in doc["spec"]["containers"] if c["name"] == "base")
-        spec = step_module(op.step).Spec.model_validate_json(base["args"][3])
+        spec = catalog.get(op.step).spec.model_validate_json(base["args"][3])
 
         assert op.deferrable is True  # waits in the triggerer, not in a worker slot
         assert doc["metadata"]["namespace"] == "compression"

@@ -28,9 +28,9 @@ def test_every_available_step_has_a_loadable_component_with_spec_driven_inputs()
     from kfp import components
 
     from mnnpipe.kfp.interface import step_interface
-    from mnnpipe.kfp.recipe import pipeline_steps
+    from mnnpipe import catalog
 
-    for step in pipeline_steps():
+    for step in catalog.names():
         comp = components.load_component_from_file(str(REPO / "components" / step / "component.yaml"))
         inputs = comp.component_spec.inputs
         iface = step_interface(step)
@@ -102,7 +102,7 @@ def test_building_the_pipeline_with_an_invalid_recipe_raises_spec_error_naming_t
 
 def test_recipe_without_convert_is_rejected():
     from mnnpipe.errors import SpecError
-    from mnnpipe.kfp.recipe import parse_recipe
+    from mnnpipe.recipe import parse_recipe
 
     with pytest.raises(SpecError, match="recipe.convert: required field is missing"):
         parse_recipe({"gate": {"metric": "accuracy", "min_value": 0.5}})
