@@ -5,12 +5,14 @@ The contract is small and has two parts:
   2. emit the Asset `mnnpipe_new_model_version` (`mnnpipe.airflow.config.NEW_MODEL_ASSET`), with
      {"version", "model_uri"} as the event's extra.
 `mnn_recompress_on_new_model` is scheduled on that Asset and compresses the version the extra
-names; its hourly run sweeps the registry, so a pipeline outside Airflow that only does (1) is
+names with its recipe (`mnnpipe.default_recipe.COMPRESS_RECIPE`: convert -> quantize -> benchmark
+-> gate); its hourly run sweeps the registry, so a pipeline outside Airflow that only does (1) is
 picked up too. The version name is checked before anything is published: a name the registry
 would skip (a run id such as `manual__2026-…+00:00`) fails the task instead.
 
 Here "training" is a tiny CNN on scikit-learn's 8x8 digits (seconds on a CPU), standing in for
-whatever your pipeline does. Trigger it with {"epochs": 2} or {"model_registry": "s3://..."}.
+whatever your pipeline does (its input shape and data are the recipe's, `mnnpipe.default_recipe`).
+Trigger it with {"epochs": 2} or {"model_registry": "s3://..."}.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def example_training_handoff():
         from pathlib import Path
 
         from mnnpipe.data import load_dataset
+        from mnnpipe.default_recipe import INPUT, digits
         from mnnpipe.modelio import example_inputs, save_torchscript
         from mnnpipe.models import digits_cnn
         from mnnpipe.registry import check_version
@@ -54,17 +57,18 @@ def example_training_handoff():
         context = get_current_context()
         params = context["params"]
         seed_everything(0)
-        train = load_dataset(DatasetRef(format="sklearn-digits", split="train", preprocess={"channels": "GRAY"}))
-        val = load_dataset(DatasetRef(format="sklearn-digits", split="val", preprocess={"channels": "GRAY"}))
+        train = load_dataset(DatasetRef(**digits("train")))
+        val = load_dataset(DatasetRef(**digits("val")))
         model = digits_cnn(num_classes=10, width=0.5)
         fit(model, train, FitConfig(epochs=int(params["epochs"]), batch_size=64, lr=3e-3), val=val)
         # A manual trigger has no logical date in Airflow 3; its run_after is always set. Either
         # way the version is a timestamp the registry lists (and orders), never the run id.
         when = context.get("logical_date") or context["dag_run"].run_after
         version = check_version(when.strftime("%Y%m%dT%H%M%S"))
-        model_uri = join(config.resolve("model_registry", params), version, "model.pt")
+        model_uri = join(config.resolve("model_registry", params), version, config.REGISTRY_MODEL_FILE)
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_torchscript(model, example_inputs([(1, 1, 8, 8)]), Path(tmp) / "model.pt")
+            # TorchScript: how the recompression DAG reads the registry (config.REGISTRY_MODEL).
+            path = save_torchscript(model, example_inputs([tuple(INPUT["shape"])]), Path(tmp) / config.REGISTRY_MODEL_FILE)
             store_for(model_uri).put(path, model_uri)
         return {"version": version, "model_uri": model_uri, "val_accuracy": f"{accuracy(model, val):.4f}"}
 

@@ -1,19 +1,21 @@
-"""Nightly: distil the newest model version into a half-width student, prune a quarter of its
-channels and fine-tune them back, then convert, quantize to full int8 and benchmark it.
+"""Nightly: the default recipe (`mnnpipe.default_recipe.DEFAULT_RECIPE`) on the newest model
+version: distil it into a half-width student, prune its channels and fine-tune them back, then
+convert, quantize to full int8, benchmark, and release it through the recipe's gate.
 
 Runs at 02:00 UTC, no catch-up, one run at a time. Takes the newest version under the model
-registry (`{model_registry}/{version}/model.pt`, processed or not: nightly re-runs are cheap,
-every step serves an identical earlier run from mnnpipe's content-addressed cache) and publishes
-each step to `{artifact_prefix}/nightly/{run}/{step}`, where `{run}` is the run id made a safe
-path segment: a manual run (which has no logical date in Airflow 3) and the scheduled run of
-the same day never write over each other. Then the release gate (the int8 model's top-1 within
-MAX_ACCURACY_DROP points of the fp32 model's, as in KFP) publishes
-`{artifact_prefix}/released/{name}/{version}/{recipe digest}/`, moves
-`released/{name}/latest.json` forward and emits the Asset `mnnpipe_compressed_model_released`.
+registry (`{model_registry}/{version}/model.pt`, TorchScript; processed or not: nightly re-runs
+are cheap, every step serves an identical earlier run from mnnpipe's content-addressed cache) and
+publishes each step to `{artifact_prefix}/nightly/{run}/{step}`, where `{run}` is the run id made
+a safe path segment: a manual run (which has no logical date in Airflow 3) and the scheduled run
+of the same day never write over each other. The tasks, their order, their specs and the release
+gate are a rendering of the recipe (`mnnpipe.airflow.pipelines.render_recipe`, the same plan KFP
+and `mnnpipe demo` run); the gate publishes `{artifact_prefix}/released/{name}/{version}/{recipe
+digest}/`, moves `released/{name}/latest.json` forward and emits the Asset
+`mnnpipe_compressed_model_released`.
 
 Configuration (see mnnpipe.airflow.config): params / Variables / env `model_registry`,
-`artifact_prefix`; params `distill_epochs`, `finetune_epochs`; env MNNPIPE_AIRFLOW_EXECUTION
-(kubernetes | in_process).
+`artifact_prefix`; params `distill_epochs`, `finetune_epochs` (their defaults are the recipe's);
+env MNNPIPE_AIRFLOW_EXECUTION (kubernetes | in_process).
 """
 
 from __future__ import annotations
@@ -22,24 +24,19 @@ import pendulum
 from airflow.sdk import DAG, Param, get_current_context, task
 
 from mnnpipe.airflow import config
-from mnnpipe.airflow.pipelines import artifact_uri, compress_chain, release_task, step_operator
-from mnnpipe.airflow.release import recipe_digest
+from mnnpipe.airflow.pipelines import pulled, release_task, render_recipe
+from mnnpipe.default_recipe import DEFAULT_RECIPE
+from mnnpipe.recipe import parse_recipe, plan
 
-# The model this DAG compresses: the digits example. Edit for your model (see dags/README.md).
-MODEL_INPUT = {"name": "input", "shape": [1, 1, 8, 8]}
-DATA = {"format": "sklearn-digits", "preprocess": {"channels": "GRAY"}}
-CALIBRATION = {**DATA, "split": "train", "limit": 64}
-EVALUATION = {**DATA, "split": "test"}
-STUDENT = {"architecture": "digits_cnn", "width": 0.5}
-# How prune rebuilds the student from the student.pth distill publishes (it needs nn.Modules).
-STUDENT_FACTORY = {"factory": "mnnpipe.models:digits_cnn", "factory_kwargs": {"num_classes": 10, "in_channels": 1, "width": 0.5}}
-PRUNE_RATIO = 0.25
-MAX_ACCURACY_DROP = 1.0  # percentage points of top-1, for quantize and for the release gate
-DIGEST = recipe_digest(
-    {"student": STUDENT, "prune": PRUNE_RATIO, "input": MODEL_INPUT, "calibration": CALIBRATION, "evaluation": EVALUATION, "max_drop": MAX_ACCURACY_DROP}
-)
+# What this DAG does to a model: the default recipe, its source read as the registry holds it.
+# Edit mnnpipe/default_recipe.py (or put your own recipe here) for your model; see dags/README.md.
+RECIPE = parse_recipe(config.registry_recipe(DEFAULT_RECIPE))
+PLAN = plan(RECIPE)
+# Run params written over the recipe's values (their defaults are the recipe's own).
+TEMPLATES = {"distill.training.epochs": "{{ params.distill_epochs }}", "prune.finetune.epochs": "{{ params.finetune_epochs }}"}
 
 ARTIFACTS = config.setting("artifact_prefix") + "/nightly/" + config.RUN_SEGMENT
+MODEL_URI = "{{ %s['model_uri'] }}" % pulled("latest_model")
 
 with DAG(
     dag_id="mnn_nightly_compression",
@@ -51,8 +48,8 @@ with DAG(
     user_defined_filters=config.FILTERS,
     params={
         **config.params(),
-        "distill_epochs": Param(20, type="integer", minimum=1, maximum=1000, description="Student training epochs."),
-        "finetune_epochs": Param(3, type="integer", minimum=1, maximum=1000, description="Fine-tuning epochs after pruning."),
+        "distill_epochs": Param(RECIPE.distill.training.epochs, type="integer", minimum=1, maximum=1000, description="Student training epochs."),
+        "finetune_epochs": Param(RECIPE.prune.finetune.epochs, type="integer", minimum=1, maximum=1000, description="Fine-tuning epochs after pruning."),
     },
     tags=["mnnpipe"],
     doc_md=__doc__,
@@ -64,51 +61,15 @@ with DAG(
         from mnnpipe.registry import list_versions
 
         registry = config.resolve("model_registry", get_current_context()["params"])
-        versions = list_versions(registry, "model.pt")
+        versions = list_versions(registry, config.REGISTRY_MODEL_FILE)
         if not versions:
             from airflow.sdk.exceptions import AirflowFailException
 
             # Nothing to compress is a configuration problem a retry will not fix.
-            raise AirflowFailException(f"no model version under {registry} (expected {registry}/<version>/model.pt)")
+            raise AirflowFailException(f"no model version under {registry} (expected {registry}/<version>/{config.REGISTRY_MODEL_FILE})")
         return versions[-1].as_dict()
 
     latest = latest_model()
-    distill = step_operator(
-        "distill",
-        spec={
-            "teacher": {"uri": "{{ ti.xcom_pull(task_ids='latest_model')['model_uri'] }}", "format": "torchscript"},
-            "student": STUDENT,
-            "dataset": {**DATA, "split": "all"},
-            "training": {"epochs": "{{ params.distill_epochs }}", "batch_size": 64, "lr": 0.003},
-            "output": f"{ARTIFACTS}/distill",
-        },
-    )
-    prune = step_operator(
-        "prune",
-        spec={
-            "model": {"uri": artifact_uri("distill", "student.pth"), "format": "state-dict", **STUDENT_FACTORY},
-            "input": MODEL_INPUT,
-            "method": "structured",
-            "target": {"ratio": PRUNE_RATIO},
-            "finetune": {"dataset": {**DATA, "split": "train"}, "epochs": "{{ params.finetune_epochs }}", "lr": 0.002},
-            "evaluation": EVALUATION,
-            "output": f"{ARTIFACTS}/prune",
-        },
-    )
-    steps = compress_chain(
-        model_uri=artifact_uri("prune", "model.pt"),
-        output=ARTIFACTS,
-        model_input=MODEL_INPUT,
-        calibration=CALIBRATION,
-        evaluation=EVALUATION,
-        max_accuracy_drop=MAX_ACCURACY_DROP,
-    )
-    latest >> distill >> prune >> steps[0]
-    release_task(
-        found=latest,
-        quantized=steps[1].output,
-        benchmarked=steps[2].output,
-        release_root=config.setting("artifact_prefix") + "/released",
-        digest=DIGEST,
-        max_accuracy_drop=MAX_ACCURACY_DROP,
-    )
+    steps = render_recipe(PLAN, model_uri=MODEL_URI, output=ARTIFACTS, templates=TEMPLATES)
+    latest >> next(iter(steps.values()))
+    release_task(PLAN, steps, found=latest, release_root=config.setting("artifact_prefix") + "/released")

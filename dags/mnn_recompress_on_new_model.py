@@ -7,11 +7,12 @@ version: see example_training_handoff.py) or every hour, whichever comes first:
 - an hourly (or manual) run sweeps the registry and compresses every version that is not
   processed yet, oldest first, so versions published by pipelines outside Airflow are picked up.
 No task waits: a run with nothing to do finishes at once and never holds the DAG's only run slot.
-Each version is one instance of the mapped task group `compress`: convert -> quantize (full
-int8) -> benchmark, publishing to `{artifact_prefix}/versions/{version}/{step}` (a version's model
-never changes, so a rerun of it produces the same bytes, served from mnnpipe's content-addressed
-cache), then the release gate (the int8 model's top-1 within MAX_ACCURACY_DROP points of the fp32
-model's), which publishes `{artifact_prefix}/released/{name}/{version}/{recipe digest}/`, moves
+Each version is one instance of the mapped task group `compress`, a rendering of the recipe
+`mnnpipe.default_recipe.COMPRESS_RECIPE` (DEFAULT_RECIPE's steps after training): convert ->
+quantize (full int8) -> benchmark, publishing to `{artifact_prefix}/versions/{version}/{step}` (a
+version's model never changes, so a rerun of it produces the same bytes, served from mnnpipe's
+content-addressed cache), then the recipe's release gate, which publishes
+`{artifact_prefix}/released/{name}/{version}/{recipe digest}/`, moves
 `released/{name}/latest.json` forward and emits the Asset `mnnpipe_compressed_model_released`.
 A version is processed once its release manifest exists for this recipe, as in KFP.
 
@@ -25,21 +26,19 @@ import pendulum
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, get_current_context, task, task_group
 
 from mnnpipe.airflow import config
-from mnnpipe.airflow.pipelines import compress_chain, pulled, release_task
-from mnnpipe.airflow.release import recipe_digest
+from mnnpipe.airflow.pipelines import pulled, release_task, render_recipe
+from mnnpipe.default_recipe import COMPRESS_RECIPE
+from mnnpipe.recipe import plan
 from mnnpipe.release import release_prefix
 
-# The model this DAG compresses: the digits example. Edit for your model (see dags/README.md).
-MODEL_INPUT = {"name": "input", "shape": [1, 1, 8, 8]}
-DATA = {"format": "sklearn-digits", "preprocess": {"channels": "GRAY"}}
-CALIBRATION = {**DATA, "split": "train", "limit": 64}
-EVALUATION = {**DATA, "split": "test"}
-MAX_ACCURACY_DROP = 1.0  # percentage points of top-1, for quantize and for the release gate
-DIGEST = recipe_digest({"input": MODEL_INPUT, "calibration": CALIBRATION, "evaluation": EVALUATION, "max_drop": MAX_ACCURACY_DROP})
+# What this DAG does to each version: the default recipe's steps after training, its source read
+# as the registry holds it. Edit mnnpipe/default_recipe.py (or put your own recipe here).
+PLAN = plan(config.registry_recipe(COMPRESS_RECIPE))
+GROUP = "compress"
 
 ARTIFACTS = config.setting("artifact_prefix") + "/versions"
-VERSION = "{{ %s['version'] }}" % pulled("compress.version")
-MODEL_URI = "{{ %s['model_uri'] }}" % pulled("compress.version")
+VERSION = "{{ %s['version'] }}" % pulled(f"{GROUP}.version")
+MODEL_URI = "{{ %s['model_uri'] }}" % pulled(f"{GROUP}.version")
 
 with DAG(
     dag_id="mnn_recompress_on_new_model",
@@ -64,34 +63,20 @@ with DAG(
         return pick(
             events=(context.get("triggering_asset_events") or {}).get(config.NEW_MODEL_ASSET, []),
             registry=config.resolve("model_registry", params),
-            processed_marker=release_prefix(config.resolve("artifact_prefix", params) + "/released", "{name}", "{version}", DIGEST) + "/manifest.json",
+            model_filename=config.REGISTRY_MODEL_FILE,
+            processed_marker=release_prefix(config.resolve("artifact_prefix", params) + "/released", "{name}", "{version}", PLAN.digest) + "/manifest.json",
         )
 
-    @task_group(group_id="compress")
+    @task_group(group_id=GROUP)
     def compress(found: dict[str, str]) -> None:
         @task(task_id="version")
         def version(found: dict[str, str]) -> dict[str, str]:
             """This instance's version (the specs below pull it from XCom)."""
             return found
 
-        steps = compress_chain(
-            model_uri=MODEL_URI,
-            output=f"{ARTIFACTS}/{VERSION}",
-            model_input=MODEL_INPUT,
-            calibration=CALIBRATION,
-            evaluation=EVALUATION,
-            max_accuracy_drop=MAX_ACCURACY_DROP,
-            group="compress",
-        )
         chosen = version(found)
-        chosen >> steps[0]
-        release_task(
-            found=chosen,
-            quantized=steps[1].output,
-            benchmarked=steps[2].output,
-            release_root=config.setting("artifact_prefix") + "/released",
-            digest=DIGEST,
-            max_accuracy_drop=MAX_ACCURACY_DROP,
-        )
+        steps = render_recipe(PLAN, model_uri=MODEL_URI, output=f"{ARTIFACTS}/{VERSION}", group=GROUP)
+        chosen >> next(iter(steps.values()))
+        release_task(PLAN, steps, found=chosen, release_root=config.setting("artifact_prefix") + "/released")
 
     compress.expand(found=versions_to_compress())

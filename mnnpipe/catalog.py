@@ -30,11 +30,13 @@ from .specs import StepResult, StepSpec
 HandOffFormat = Literal["torchscript", "torch-export", "state-dict", "onnx", "mnn"]
 EXTENSIONS: dict[str, str] = {"torchscript": ".pt", "torch-export": ".pt2", "state-dict": ".pth", "onnx": ".onnx", "mnn": ".mnn"}
 
-#: Where a step stands in a recipe. Convert precedes quantize because MNN's int8 quantizer reads
-#: the fp32 .mnn only the converter makes; measuring comes after every model step; the release
-#: gate ends every recipe.
-Stage = Literal["train", "shrink", "convert", "quantize", "measure", "release"]
+#: Where a step stands in a run. Convert precedes quantize because MNN's int8 quantizer reads
+#: the fp32 .mnn only the converter makes; measuring comes after every model step; a search
+#: selects among measured candidates; the release gate ends every recipe; reports come last.
+Stage = Literal["train", "shrink", "convert", "quantize", "measure", "select", "release", "report"]
 STAGES: tuple[str, ...] = typing.get_args(Stage)
+#: The stages a recipe is made of (one section per step of these stages, then the release).
+RECIPE_STAGES: tuple[str, ...] = ("train", "shrink", "convert", "quantize", "measure")
 
 ENV_MODULES = "MNNPIPE_STEP_MODULES"
 

@@ -140,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="Run the whole compression pipeline on the bundled digits data.")
     demo.add_argument("--workdir", default="mnnpipe-demo", help="Local artifact folder (default ./mnnpipe-demo).")
     demo.add_argument("--no-cache", action="store_true")
+    demo.add_argument("--search", action="store_true", help="Then search 6 recipes (prune ratio x quantize mode) and release the best.")
+
+    search = sub.add_parser("search", help="Run every candidate recipe of a search spec, choose the best within its constraints, release it.")
+    search.add_argument("--spec", required=True, help="YAML or JSON search spec ('-' for stdin): base recipe, space, constraints, objective.")
+    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a search spec field.")
+    search.add_argument("--model-uri", required=True, help="The source model (path, file:// or s3://).")
+    search.add_argument("--output", required=True, help="Where candidates publish: <output>/candidates/<id>/<step>, <output>/select.")
+    search.add_argument("--release-root", help="Release the chosen model under <release-root>/<name>/<version>/<search digest>/.")
+    search.add_argument("--name", default="model", help="Model name in the release (default: model).")
+    search.add_argument("--version", dest="model_version", default="1", help="Model version in the release (default: 1).")
+    search.add_argument("--workers", type=int, default=1, help="Candidates run at once in a process pool (default 1: one after another).")
+    search.add_argument("--no-cache", action="store_true")
     return parser
 
 
@@ -192,9 +204,23 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_from_args(args)
     if args.command == "demo":
-        from .demo import run_demo
+        from .demo import run_demo, run_demo_search
 
         run_demo(Path(args.workdir), use_cache=not args.no_cache, quiet=args.quiet)
+        if args.search:
+            run_demo_search(Path(args.workdir), use_cache=not args.no_cache, quiet=args.quiet)
+        return 0
+    if args.command == "search":
+        from .demo import print_search
+        from .searching import run_search
+
+        if args.workers < 1:
+            raise SpecError(f"--workers: expected a positive number, got {args.workers}")
+        search = run_search(
+            _spec_data(args), model_uri=args.model_uri, output=args.output, release_root=args.release_root, name=args.name,
+            version=args.model_version, workers=args.workers, use_cache=not args.no_cache, quiet=args.quiet,
+        )  # fmt: skip
+        print_search(search, print)
         return 0
     spec = parse_spec(args.step, _spec_data(args))
     if args.keep_failed:

@@ -12,10 +12,16 @@ import posixpath
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
 
 from .errors import InputError
 from .store import fetch, join, local_path, sha256_path, store_for
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .data import Dataset
+    from .specs import DatasetRef, ModelRef
 
 T = TypeVar("T")
 
@@ -125,6 +131,28 @@ class StepContext:
             self.input_paths[uri] = path
             self.input_digests[uri] = sha256_path(path)
         return self.input_paths[uri]
+
+    def dataset_path(self, ref: DatasetRef) -> Path | None:
+        """The fetched file or folder of a dataset input; None for a built-in set (sklearn-digits)."""
+        return self.local(ref.uri) if ref.uri else None
+
+    def dataset(self, ref: DatasetRef, field: str, *, labelled: str | None = None) -> Dataset:
+        """The dataset the spec's `field` names, fetched, split and preprocessed (mnnpipe.data).
+
+        `labelled`: why the step needs labels (e.g. "distillation needs labelled data"); when
+        given, a dataset without labels is an InputError naming `field` and saying so."""
+        from .data import load_dataset
+
+        data = load_dataset(ref, self.dataset_path(ref))
+        if labelled and data.y is None:
+            raise InputError(f"{field}: {ref.uri or ref.format} has no labels; {labelled}")
+        return data
+
+    def torch_model(self, ref: ModelRef) -> nn.Module:
+        """The torch model `ref` names, fetched and loaded in eval mode (mnnpipe.modelio.load_torch)."""
+        from .modelio import load_torch
+
+        return load_torch(ref, self.local(ref.uri))
 
     def child(self, name: str) -> StepContext:
         """A context for running another step's `run` inside this one (its outdir is scratch, not

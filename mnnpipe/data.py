@@ -15,6 +15,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, Callable
 
 import numpy as np
 
@@ -234,20 +235,30 @@ def _read_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarr
             return np.asarray(im, dtype=np.uint8)
 
 
-def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...]]:
+def _read_npz(path: Path, pick: Callable[[Any], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays `pick` reads from the open .npz (it raises InputError for missing ones), after
+    checking that `path` is a zip of .npy arrays none of which declares more than NPZ_MAX_BYTES.
+    Never unpickles: an .npz may be untrusted."""
     if not zipfile.is_zipfile(path):  # np.load would read a bare .npy or a pickle as something else
         raise InputError(f"{path}: not a .npz archive (expected a zip of .npy arrays, as numpy.savez writes)")
-    _check_npz_headers(path)
     try:
-        with np.load(path, allow_pickle=False) as f:  # never unpickle: .npz may be untrusted
-            if "x" not in f:
-                raise InputError(f"{path}: .npz must contain an array named 'x' (and optionally 'y')")
-            x = f["x"]
-            y = f["y"] if "y" in f else None
+        _check_npz_headers(path)
+        with np.load(path, allow_pickle=False) as f:
+            return pick(f)
     except InputError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise InputError(f"{path}: not a readable .npz archive ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...]]:
+    def pick(f: Any) -> dict[str, np.ndarray]:
+        if "x" not in f:
+            raise InputError(f"{path}: .npz must contain an array named 'x' (and optionally 'y')")
+        return {"x": f["x"], **({"y": f["y"]} if "y" in f else {})}
+
+    arrays = _read_npz(path, pick)
+    x, y = arrays["x"], arrays.get("y")
     if x.ndim < 2:
         raise InputError(f"{path}: 'x' must hold samples (N, ...) with at least 2 dimensions, got shape {list(x.shape)}")
     if 0 in x.shape[1:]:
@@ -272,20 +283,14 @@ def load_named_samples(ref: DatasetRef, local: Path | None, inputs: list) -> lis
         raise InputError(f"{label}: a multi-input model reads its samples from an npz with one array per input name, not '{ref.format}'")
     if ref.preprocess != Preprocess():
         raise InputError(f"{label}: preprocess does not apply to per-input npz arrays (they are fed as stored); remove it")
-    if not zipfile.is_zipfile(local):
-        raise InputError(f"{local}: not a .npz archive (expected a zip of .npy arrays, as numpy.savez writes)")
-    _check_npz_headers(local)
-    arrays = {}
-    try:
-        with np.load(local, allow_pickle=False) as f:
-            missing = [t.name for t in inputs if t.name not in f]
-            if missing:
-                raise InputError(f"{local}: no array for input(s) {missing}; it has {sorted(f.files)} (one array per input name)")
-            arrays = {t.name: f[t.name] for t in inputs}
-    except InputError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise InputError(f"{local}: not a readable .npz archive ({type(e).__name__}: {str(e)[:80]})") from None
+
+    def pick(f: Any) -> dict[str, np.ndarray]:
+        missing = [t.name for t in inputs if t.name not in f]
+        if missing:
+            raise InputError(f"{local}: no array for input(s) {missing}; it has {sorted(f.files)} (one array per input name)")
+        return {t.name: f[t.name] for t in inputs}
+
+    arrays = _read_npz(local, pick)
     counts = set()
     for t in inputs:
         a, batch = arrays[t.name], t.shape[0]
@@ -319,32 +324,28 @@ def _labels(path: Path, y: np.ndarray, n: int) -> np.ndarray:
 
 
 def _check_npz_headers(path: Path) -> None:
-    """Refuse an array whose .npy header declares more than NPZ_MAX_BYTES, before numpy allocates it."""
+    """Refuse an array whose .npy header declares more than NPZ_MAX_BYTES, before numpy allocates it.
+    Raises what zipfile and numpy raise for unreadable archives (_read_npz turns them into InputError)."""
     from numpy.lib import format as npy
 
-    try:
-        with zipfile.ZipFile(path) as z:
-            for info in z.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                with z.open(info) as f:
-                    version = npy.read_magic(f)
-                    if version == (1, 0):
-                        shape, _, dtype = npy.read_array_header_1_0(f)
-                    else:
-                        shape, _, dtype = npy.read_array_header_2_0(f)
-                n = dtype.itemsize
-                for d in shape:
-                    n *= d
-                if n > NPZ_MAX_BYTES:
-                    raise InputError(
-                        f"{path}: array '{info.filename[:-4]}' declares shape {list(shape)} of {dtype} "
-                        f"({n / 2**30:.1f} GiB); at most {NPZ_MAX_BYTES / 2**30:g} GiB per array"
-                    )
-    except InputError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise InputError(f"{path}: not a readable .npz archive ({type(e).__name__}: {str(e)[:80]})") from None
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with z.open(info) as f:
+                version = npy.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = npy.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = npy.read_array_header_2_0(f)
+            n = dtype.itemsize
+            for d in shape:
+                n *= d
+            if n > NPZ_MAX_BYTES:
+                raise InputError(
+                    f"{path}: array '{info.filename[:-4]}' declares shape {list(shape)} of {dtype} "
+                    f"({n / 2**30:.1f} GiB); at most {NPZ_MAX_BYTES / 2**30:g} GiB per array"
+                )
 
 
 # --------------------------------------------------------------------------- archives
@@ -417,6 +418,20 @@ def _copy(src, target: Path, budget: _Budget, name: str) -> None:
             dst.write(chunk)
 
 
+def _place(target: Path | None, is_dir: bool, open_member: Callable[[], Any], budget: _Budget, name: str) -> None:
+    """Create one checked member at `target` (None: skipped): a folder, or a file copied from
+    `open_member()` within the budget."""
+    if target is None:
+        return
+    if is_dir:
+        target.mkdir(parents=True, exist_ok=True)
+        return
+    src = open_member()
+    assert src is not None  # a regular file always has a stream
+    with src:
+        _copy(src, target, budget, name)
+
+
 def check_zip_declared(
     archive: Path | str,
     infos: list[zipfile.ZipInfo],
@@ -456,13 +471,7 @@ def _extract_zip(archive: Path, dest: Path) -> None:
         check_zip_declared(archive, infos)
         for info in infos:
             target = _member_target(archive, info.filename, dest)
-            if target is None:
-                continue
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            with z.open(info) as src:
-                _copy(src, target, budget, info.filename)
+            _place(target, info.is_dir(), lambda info=info: z.open(info), budget, info.filename)
 
 
 def _extract_tar(archive: Path, dest: Path) -> None:
@@ -474,15 +483,7 @@ def _extract_tar(archive: Path, dest: Path) -> None:
             if not (member.isfile() or member.isdir()):
                 kind = "link" if member.issym() or member.islnk() else "device, FIFO or other special file"
                 raise InputError(f"{archive}: member {member.name!r} is a {kind}; only files and folders are allowed")
-            if target is None:
-                continue
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            src = tar.extractfile(member)
-            assert src is not None  # a regular file always has a stream
-            with src:
-                _copy(src, target, budget, member.name)
+            _place(target, member.isdir(), lambda member=member: tar.extractfile(member), budget, member.name)
 
 
 def _archive_root(dest: Path) -> Path:

@@ -65,3 +65,23 @@ COMPRESS_STEPS: tuple[str, ...] = ("convert", "quantize", "benchmark", "gate")
 COMPRESS_RECIPE: dict[str, Any] = copy.deepcopy(
     {"model": DEFAULT_RECIPE["model"], "compare": DEFAULT_RECIPE["compare"], **{step: DEFAULT_RECIPE[step] for step in COMPRESS_STEPS}}
 )
+
+
+def demo_search() -> dict[str, Any]:
+    """The demo's recipe search: 3 prune ratios x (full int8 | fp32 .mnn) = 6 candidates on the
+    default recipe, each measured against the teacher (the benchmark compares the candidate with
+    the source only, to keep each measurement short) and gated on the teacher's top-1. All six
+    share one distilled student and each prune ratio one fp32 .mnn: 1 distill, 3 prunes and 3
+    conversions do the work, the other 9 of those steps come from the cache."""
+    base = {**DEFAULT_RECIPE, "compare": "source"}
+    base["benchmark"] = {**DEFAULT_RECIPE["benchmark"], "iterations": 50, "reference": "source"}
+    base["gate"] = {"metric": "candidate/top1", "reference_metric": "source/top1", "max_drop": 1.5}
+    return {
+        "base": base,
+        # null removes the quantize section: that candidate releases the fp32 .mnn.
+        "space": {"prune.target.ratio": [0.2, 0.4, 0.6], "quantize": [DEFAULT_RECIPE["quantize"], None]},
+        "sampling": "grid",
+        "budget": 6,
+        "constraints": {"max_accuracy_drop": 1.5, "min_fidelity": 0.95},
+        "objective": {"kind": "smallest"},
+    }

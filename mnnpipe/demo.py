@@ -77,6 +77,52 @@ def run_demo(workdir: Path, *, use_cache: bool = True, quiet: bool = False, reci
     return results
 
 
+def run_demo_search(workdir: Path, *, use_cache: bool = True, quiet: bool = False, workers: int = 1) -> Any:
+    """The demo's recipe search (mnnpipe.default_recipe.demo_search) on the demo's teacher: six
+    candidates, the best released under `<workdir>/released/digits/1/<search digest>/`."""
+    from .default_recipe import demo_search
+    from .searching import run_search
+
+    workdir = workdir.resolve()
+    say = (lambda *a: None) if quiet else print
+    teacher = train_teacher(workdir / "teacher")
+    t0 = time.perf_counter()
+    spec = demo_search()
+    say(f"\nmnnpipe demo --search: {len(spec['space'])} dimensions, budget {spec['budget']}, objective {spec['objective']['kind']}")
+
+    def progress(c: Any, run: Any, error: str | None) -> None:
+        what = error or f"{run.cache_hits}/{len(run.results)} steps from the cache"
+        say(f"  {c.id}  {', '.join(f'{k}={_short(v)}' for k, v in c.overrides.items()):<45} {what}")
+
+    search = run_search(
+        spec, model_uri=str(teacher), output=str(workdir / "search"), release_root=str(workdir / "released"),
+        name=NAME, version=VERSION, workers=workers, use_cache=use_cache, quiet=quiet, on_candidate=progress,
+    )  # fmt: skip
+    print_search(search, say)
+    say(f"search done in {time.perf_counter() - t0:.0f} s")
+    return search
+
+
+def _short(value: Any) -> str:
+    """A search value in a progress line: a whole section is `on` (`off` when removed)."""
+    if value is None:
+        return "off"
+    return "on" if isinstance(value, dict) else json.dumps(value)
+
+
+def print_search(search: Any, say: Any) -> None:
+    """The front, the choice and where the report and the release are."""
+    selected = search.selected
+    say("")
+    say(Path(selected.artifacts["report.md"].uri).read_text().strip() if "://" not in selected.artifacts["report.md"].uri else selected.reason)
+    say("")
+    say(f"cache: {search.cache_hits} of {search.steps_run} candidate steps served from the cache")
+    say(f"chosen: {selected.chosen} — {selected.reason}")
+    say(f"report: {selected.artifacts['report.html'].uri}")
+    if search.release is not None:
+        say(f"released: {search.release.released} (latest moved: {search.release.latest_moved})")
+
+
 def summary(step: str, r: Any) -> str:
     """One line of the numbers that matter for each step."""
     if step == "distill":

@@ -44,3 +44,10 @@ class StoreError(MnnpipeError):
 
 class IntegrityError(StoreError):
     """An artifact's bytes do not match the sha256 or size recorded for it (exit 3)."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most `limit` characters; its type's name when
+    the message is empty. For wrapping someone else's exception into one of ours."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

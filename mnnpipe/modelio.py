@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import graph_allowlist
-from .errors import InputError, SpecError
+from .errors import InputError, SpecError, first_line
 from .specs import ModelRef
 
 
@@ -76,7 +76,7 @@ def load_torch(ref: ModelRef, path: Path) -> nn.Module:
     except (InputError, SpecError):
         raise
     except Exception as e:  # torch raises many types for corrupt archives and unsafe pickles
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        msg = first_line(e, 160)
         if "weights_only" in msg or "Unsupported global" in str(e):
             msg = "contains pickled objects that are not plain tensors; refused (weights_only=True)"
         raise InputError(f"{ref.uri}: not a loadable {ref.format} model ({msg})") from None

@@ -40,7 +40,7 @@ PLACEHOLDER_BUCKET = "s3://mnnpipe-validation"
 
 def recipe_steps() -> tuple[catalog.StepDef, ...]:
     """The steps a recipe may hold, in the order they run (the catalog's stage order)."""
-    return tuple(s for s in catalog.steps() if s.stage != "release")
+    return tuple(s for s in catalog.steps() if s.stage in catalog.RECIPE_STAGES)
 
 
 def release_step() -> catalog.StepDef:
@@ -77,9 +77,13 @@ def _class_name(step: str) -> str:
     return "".join(part.capitalize() for part in step.split("_"))
 
 
-@lru_cache(maxsize=None)
 def recipe_model() -> type:
-    """The Recipe pydantic model for the steps registered here (built once)."""
+    """The Recipe pydantic model for the steps registered here (built once per set of steps)."""
+    return _recipe_model(catalog.steps())
+
+
+@lru_cache(maxsize=8)
+def _recipe_model(registered: tuple[catalog.StepDef, ...]) -> type:
     source = _section_model("SourceModel", ModelRef, {"uri"})
     source.__doc__ = "How to read the source model (its URI is given at run time): format, factory, factory_kwargs."
     fields: dict[str, Any] = {

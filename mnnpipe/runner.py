@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import __version__
 from .errors import InputError, IntegrityError, MnnpipeError, SpecError
-from .specs import Artifact, DatasetRef, ModelRef, StepResult, StepSpec
+from .specs import Artifact, DatasetRef, ModelRef, StepResult, StepSpec, format_validation_error  # noqa: F401 - recipe imports it from here
 from .catalog import StepDef, get
 from .context import StepContext, cache_root
 from .store import MANIFEST, RESULT, OutputLock, fetch, fetch_verified, iter_files, join, same_location, sha256_file, sha256_path, store_for
@@ -57,19 +57,6 @@ def parse_spec(step: str, data: dict[str, Any]) -> StepSpec:
         return spec_cls.model_validate(data)
     except ValidationError as e:
         raise SpecError(format_validation_error(e)) from None
-
-
-def format_validation_error(e: ValidationError) -> str:
-    errors = e.errors(include_url=False)
-    first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "spec"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown field (not part of this step's spec)"
-    elif first["type"] == "missing":
-        msg = "required field is missing"
-    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{loc}: {msg}{more}"
 
 
 def input_fields(spec: BaseModel) -> dict[tuple[str | int, ...], str]:

@@ -10,7 +10,7 @@ import re
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -286,6 +286,17 @@ class Tolerance(Strict):
     )
 
 
+class TrainingOptions(Strict):
+    """Optimisation settings every training step takes (distill's `training`, prune's `finetune`),
+    read by `mnnpipe.stepkit.fit_config`. A step's sub-spec derives from it and adds its own."""
+
+    epochs: int = Field(20, ge=1, le=10_000, description="Maximum number of passes over the training split.")
+    batch_size: int = Field(64, ge=1, le=65_536, description="Samples per optimisation step.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd (Nesterov momentum 0.9).")
+    lr: float = Field(1e-3, gt=0, le=10, description="Initial learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled (adamw) or L2 (sgd) weight decay.")
+
+
 #: Fields every StepSpec has that the orchestrator, not the user, decides.
 ENVELOPE_FIELDS = ("kind", "schema_version", "output")
 
@@ -337,3 +348,48 @@ class StepResult(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict, description="Numbers the step measured.")
     cached: bool = Field(False, description="True when served from an earlier identical run.")
     cache_key: str = Field("", description="sha256 of step, spec and input digests.")
+
+
+# --------------------------------------------------------------------------- shared by every spec
+
+
+def validation_error_line(error: Any) -> str:
+    """One pydantic error (an item of `ValidationError.errors()`) as '<field.path>: <message>'."""
+    loc = ".".join(str(p) for p in error["loc"]) or "spec"
+    if error["type"] == "extra_forbidden":
+        msg = "unknown field (not part of this step's spec)"
+    elif error["type"] == "missing":
+        msg = "required field is missing"
+    else:
+        msg = error["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}"
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """The first problem of `e` as one line naming the field, and how many more there are."""
+    errors = e.errors(include_url=False)
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return validation_error_line(errors[0]) + more
+
+
+def max_accuracy_drop_field(default: float | None, measured: str, note: str = "") -> Any:
+    """The one declaration of a step's accuracy budget, `max_accuracy_drop`: the largest allowed
+    drop of top-1 accuracy in percentage points (the gate's `max_drop` is in the same unit).
+    Each step names what is compared (`measured`); the field keeps its name and place in the spec."""
+    return Field(
+        default,
+        ge=0,
+        le=100,
+        description=f"Largest allowed top-1 accuracy drop {measured}, in PERCENTAGE POINTS (0.5: 97.5% -> at least "
+        f"97.0%); beyond it the step fails and publishes nothing.{' ' + note if note else ''}",
+    )
+
+
+def accuracy_drop_pp(reference: float, accuracy: float) -> float:
+    """How far `accuracy` is below `reference` (both 0-1 fractions), in percentage points."""
+    return round((reference - accuracy) * 100, 6)
+
+
+def exceeds_accuracy_budget(drop_pp: float, max_accuracy_drop: float) -> bool:
+    """True when a drop (percentage points) is beyond the budget; a drop at the budget is within it."""
+    return drop_pp > max_accuracy_drop + 1e-9

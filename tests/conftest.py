@@ -194,3 +194,40 @@ def cache_dir(tmp_path, monkeypatch):
     path = tmp_path / "cache-index"
     monkeypatch.setenv("MNNPIPE_CACHE_URI", str(path))
     return path
+
+
+# --------------------------------------------------------------------------- the fake step
+
+SUPPORT = Path(__file__).resolve().parent / "support"
+
+
+def _forget_step_caches(step: str) -> None:
+    """What the adapters built from a step's Spec and keep (KFP components, Airflow classes),
+    dropped when a test's step comes or goes. Only modules already imported. (The Recipe model is
+    keyed on the catalog's contents and needs nothing.)"""
+    if "mnnpipe.kfp.components" in sys.modules:
+        sys.modules["mnnpipe.kfp.components"]._make_component.cache_clear()
+    if "mnnpipe.airflow.operators" in sys.modules:
+        sys.modules["mnnpipe.airflow.operators"]._CLASSES.pop(step, None)
+
+
+@pytest.fixture
+def echo_step(monkeypatch):
+    """The fake `echo` step (tests/support/echo_step.py: writes its input's bytes to echo.mnn in
+    milliseconds) registered for this test and removed after it. Subprocesses started with this
+    process's environment (the CLI, kfp.local) find it through PYTHONPATH and MNNPIPE_STEP_MODULES."""
+    import importlib
+
+    from mnnpipe import catalog
+
+    catalog.names()  # the bundled steps first, as in any process
+    monkeypatch.syspath_prepend(str(SUPPORT))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SUPPORT), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(catalog.ENV_MODULES, "echo_step")
+    sys.modules.pop("echo_step", None)  # importing the module is what registers the step
+    module = importlib.import_module("echo_step")
+    _forget_step_caches("echo")
+    yield module
+    catalog.unregister("echo")
+    sys.modules.pop("echo_step", None)
+    _forget_step_caches("echo")

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import InputError, SpecError
-from ..specs import StepSpec
+from ..specs import StepSpec, validation_error_line
 from .. import catalog
 
 PULL_POLICIES: tuple[str, ...] = ("Always", "IfNotPresent", "Never")
@@ -96,9 +96,7 @@ def spec_dict(step: str, spec: StepSpec | Mapping[str, Any]) -> dict[str, Any]:
         for error in e.errors(include_url=False):
             if _has_whole_templates(_value_at(data, error["loc"])):
                 continue  # depends on a template: checked once it is rendered
-            loc = ".".join(str(p) for p in error["loc"]) or "spec"
-            msg = "unknown field (not part of this step's spec)" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
-            raise SpecError(f"spec.{loc}: {msg}") from None
+            raise SpecError(f"spec.{validation_error_line(error)}") from None
     return data
 
 

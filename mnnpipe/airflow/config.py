@@ -29,6 +29,18 @@ NEW_MODEL_ASSET = Asset(name="mnnpipe_new_model_version", uri="mnnpipe://model-r
 #: {"name", "version", "release", "model_uri", "latest_moved"}. Deployment or A/B DAGs schedule on it.
 RELEASED_ASSET = Asset(name="mnnpipe_compressed_model_released", uri="mnnpipe://releases/compressed-model")
 
+#: The file a model version holds in the registry, `{model_registry}/{version}/model.pt`, and how
+#: it is read: TorchScript (the hand-off contract, dags/README.md). The DAGs' recipes read their
+#: source model so (`registry_recipe`).
+REGISTRY_MODEL_FILE = "model.pt"
+REGISTRY_MODEL: dict[str, Any] = {"format": "torchscript"}
+
+
+def registry_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """`recipe` reading its source model as the registry holds it (TorchScript)."""
+    return {**recipe, "model": dict(REGISTRY_MODEL)}
+
+
 _DESCRIPTIONS = {
     "model_registry": "Path, file:// or s3:// prefix with one folder per model version: {registry}/{version}/model.pt",
     "artifact_prefix": "Path, file:// or s3:// prefix under which compressed models and reports are published",

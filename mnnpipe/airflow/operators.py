@@ -244,12 +244,23 @@ class MnnGateOperator(MnnStepOperator):
     step = "gate"
 
 
+class MnnSelectOperator(MnnStepOperator):
+    step = "select"
+
+
+class MnnTrendOperator(MnnStepOperator):
+    step = "trend"
+
+
 #: The bundled steps' classes are written out above so that type checkers and IDEs see them; a
 #: step registered elsewhere (a team's own) gets an equivalent class made on first use.
 _CLASSES: dict[str, type[MnnStepOperator]] = {
     cls.step: cls
-    for cls in (MnnDistillOperator, MnnPruneOperator, MnnQuantizeOperator, MnnConvertOperator, MnnBenchmarkOperator, MnnGateOperator)
-}
+    for cls in (
+        MnnDistillOperator, MnnPruneOperator, MnnQuantizeOperator, MnnConvertOperator, MnnBenchmarkOperator, MnnGateOperator,
+        MnnSelectOperator, MnnTrendOperator,
+    )
+}  # fmt: skip
 for _cls in _CLASSES.values():
     _document(_cls)
 
@@ -265,3 +276,12 @@ def operator_class(step: str) -> type[MnnStepOperator]:
         _document(cls)
         _CLASSES[step] = cls
     return _CLASSES[step]
+
+
+def __getattr__(name: str) -> type[MnnStepOperator]:
+    """`from mnnpipe.airflow.operators import Mnn<Step>Operator` for a step registered outside the
+    package (e.g. through MNNPIPE_STEP_MODULES), as for the bundled ones."""
+    for step in catalog.names():
+        if operator_class_name(step) == name:
+            return operator_class(step)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

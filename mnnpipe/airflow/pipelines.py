@@ -12,7 +12,6 @@ renderings).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Mapping
 from pathlib import PurePosixPath
@@ -186,5 +185,5 @@ def release_task(recipe: Any, operators: Mapping[str, Any], *, found: Any, relea
         return result
 
     # The planned release as plain data: it is a templated argument, shown rendered in the UI.
-    planned = copy.deepcopy(dataclasses.asdict(release))
-    return release_step(found, results, release_root, planned, recipe_plan.digest, move_latest)
+    planned = dataclasses.asdict(release)
+    return release_step(found=found, results=results, release_root=release_root, planned=planned, digest=recipe_plan.digest, move_latest=move_latest)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -52,42 +52,19 @@ def setting_key(threads: int, batch: int) -> str:
     return f"t{threads}/b{batch}"
 
 
-def measure_isolated(
-    ref: ModelRef,
-    path: Path,
-    *,
-    settings: Sequence[tuple[int, int]],
-    timing_inputs: dict[int, list[np.ndarray]],
-    eval_inputs: list[np.ndarray] | None = None,
-    precision: str = "normal",
-    warmup: int = 5,
-    iterations: int = 30,
-    input_names: Sequence[str] | None = None,
-    timeout_s: float = 1800,
-) -> Measurement:
+def measure_isolated(ref: ModelRef, path: Path, **options: Any) -> Measurement:
     """Time `ref` in a fresh, confined process for each (threads, batch) in `settings`; measure peak RSS.
 
-    `timing_inputs[batch]` are the input arrays for that batch size. `eval_inputs` (one array per
-    model input, first axis = samples) are run one sample at a time after the timing, with the
-    first setting's thread count, and their first output comes back stacked (for accuracy or
-    fidelity); running them after the peak RSS is read keeps them out of the memory figure.
-    Raises the child's InputError/ToolError as the same class; a crash becomes ToolError.
-    Several models: use one MeasureServer, which imports each runtime once for all of them.
+    `options` are MeasureServer's. `timing_inputs[batch]` are the input arrays for that batch
+    size. `eval_inputs` (one array per model input, first axis = samples) are run one sample at a
+    time after the timing, with the first setting's thread count, and their first output comes
+    back stacked (for accuracy or fidelity); running them after the peak RSS is read keeps them
+    out of the memory figure. Raises the child's InputError/ToolError as the same class; a crash
+    becomes ToolError. Several models: use one MeasureServer, which imports each runtime once for
+    all of them.
     """
-    server = MeasureServer(
-        settings=settings,
-        timing_inputs=timing_inputs,
-        eval_inputs=eval_inputs,
-        precision=precision,
-        warmup=warmup,
-        iterations=iterations,
-        input_names=input_names,
-        timeout_s=timeout_s,
-    )
-    try:
+    with MeasureServer(**options) as server:
         return server.measure(ref, path)
-    finally:
-        server.close()
 
 
 class MeasureServer:

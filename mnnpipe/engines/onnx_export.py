@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mnnpipe.errors import ToolError
+from mnnpipe.errors import ToolError, first_line
 
 __all__ = ["DEFAULT_OPSET", "export_onnx", "output_count"]
 
@@ -91,8 +91,7 @@ def export_onnx(
         onnx.checker.check_model(str(path))
     except Exception as exc:  # the exporter raises many types (UnsupportedOperatorError, RuntimeError...)
         path.unlink(missing_ok=True)
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ToolError(f"torch.onnx.export failed ({type(exc).__name__}: {first}){_remedy(str(exc), model)}") from exc
+        raise ToolError(f"torch.onnx.export failed ({type(exc).__name__}: {first_line(exc, 300)}){_remedy(str(exc), model)}") from exc
     return names_out
 
 

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mnnpipe.errors import InputError
+from mnnpipe.errors import InputError, first_line
 
 __all__ = ["REFERENCE_OPSET", "ReferenceEvaluatorRunner", "default_opset", "normalise_for_mnn", "open_reference"]
 
@@ -93,7 +93,7 @@ def open_reference(uri: str, path: Path, scratch: Path) -> tuple[Any, str]:
     try:
         return OnnxRunner(path, threads=1), "onnxruntime"
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        refusal = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+        refusal = first_line(exc, 240)
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)

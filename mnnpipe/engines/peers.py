@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError, ToolError
+from ..errors import InputError, ToolError, first_line
 
 __all__ = ["PEERS", "OpenVinoRunner", "available", "build_peer", "size_bytes"]
 
@@ -114,7 +114,7 @@ class OpenVinoRunner:
         try:
             self.compiled = core.compile_model(str(path), "CPU", config)
         except Exception as exc:
-            raise InputError(f"not a loadable OpenVINO model: {path} ({str(exc).strip().splitlines()[0][:200]})") from None
+            raise InputError(f"not a loadable OpenVINO model: {path} ({first_line(exc)})") from None
         self.request = self.compiled.create_infer_request()
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
         self.output_names = [p.get_any_name() for p in self.compiled.outputs]

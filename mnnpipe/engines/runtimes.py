@@ -17,7 +17,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from mnnpipe.errors import InputError
+from mnnpipe.errors import InputError, first_line
 from mnnpipe.specs import ModelRef
 
 __all__ = [
@@ -54,7 +54,7 @@ class TorchRunner:
                 out = self.model(*[torch.from_numpy(np.ascontiguousarray(a)) for a in inputs])
         except (RuntimeError, AssertionError, ValueError, TypeError) as exc:
             # almost always inputs that do not fit the model (channels, rank, a .pt2 shape guard)
-            raise InputError(f"the torch model cannot run on inputs {_describe(self.input_names, inputs)} ({_first_line(exc)})") from None
+            raise InputError(f"the torch model cannot run on inputs {_describe(self.input_names, inputs)} ({first_line(exc, 240)})") from None
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         if not self.output_names:
             self.output_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
@@ -81,7 +81,7 @@ class OnnxRunner:
         try:
             return list(self.session.run(None, dict(zip(self.input_names, inputs))))
         except Exception as exc:  # onnxruntime's InvalidArgument/Fail are not exported types
-            raise InputError(f"ONNX Runtime cannot run on inputs {_describe(self.input_names, inputs)} ({_first_line(exc)})") from None
+            raise InputError(f"ONNX Runtime cannot run on inputs {_describe(self.input_names, inputs)} ({first_line(exc, 240)})") from None
 
 
 class MnnRunner:
@@ -115,11 +115,6 @@ class MnnRunner:
             raise InputError(f"MNN cannot run {self.session.path.name} on inputs {_describe(self.input_names, inputs)}") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:240] if text else type(exc).__name__
-
-
 def _describe(names: Sequence[str], inputs: Sequence[np.ndarray]) -> str:
     names = list(names) + [f"#{i}" for i in range(len(names), len(inputs))]
     return ", ".join(f"'{n}' {list(np.shape(a))}" for n, a in zip(names, inputs))
@@ -149,7 +144,7 @@ def open_model(
         try:
             return OnnxRunner(path, threads)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise InputError(f"{ref.uri}: not a loadable ONNX model ({_first_line(exc)})") from None
+            raise InputError(f"{ref.uri}: not a loadable ONNX model ({first_line(exc, 240)})") from None
     import torch
 
     from mnnpipe.modelio import load_torch

@@ -37,6 +37,8 @@ class ComponentInterface:
     item_inputs: tuple[tuple[str, str, int], ...] = ()
     #: typed parameters beside `spec`: (spec field, KFP type)
     settings: tuple[tuple[str, str], ...] = ()
+    #: fan-in inputs: (input name, list field, item field, "model" | "metrics")
+    collected_inputs: tuple[tuple[str, str, str, str], ...] = ()
 
     @property
     def uri_inputs(self) -> tuple[str, ...]:
@@ -71,6 +73,7 @@ def component_interface(name: str) -> ComponentInterface:
         outputs=outputs,
         item_inputs=tuple((name, field, index) for name, field, index, _ in iface.item_inputs),
         settings=setting_fields(iface.spec_cls),
+        collected_inputs=iface.collected_inputs,
     )
 
 
@@ -90,8 +93,10 @@ def function_source(ci: ComponentInterface, form: Form, image: str) -> str:
     params += [f"{f}: Input[Model] = None" for f, _, _ in ci.item_inputs]
     params += [f"{f}: Input[Metrics] = None" for f in ci.metrics_inputs]
     params += [f"{f}: Input[Dataset] = None" for f in ci.dataset_inputs]
+    params += [f"{f}: Input[List[{'Model' if kind == 'model' else 'Metrics'}]] = None" for f, _, _, kind in ci.collected_inputs]
     params += [f'{f}_uri: str = ""' for f in ci.uri_inputs]
     params.append('output_uri: str = ""')
+    params.append('output_subpath: str = ""')
     # kfp.local 2.17 casts every integer parameter with int(), an unset optional one (None)
     # included, and fails: its lightweight twin takes integer settings as float (4 -> 4.0, which
     # the spec's int field accepts back as 4). Clusters leave unset parameters out.
@@ -105,8 +110,13 @@ def function_source(ci: ComponentInterface, form: Form, image: str) -> str:
     args += [f"{f}: Model for item {i} of spec field `{field}` (wire several models side by side)." for f, field, i in ci.item_inputs]
     args += [f"{f}: Metrics artifact whose values fill spec field `{f}`." for f in ci.metrics_inputs]
     args += [f"{f}: Dataset for spec field `{f}` (its uri comes from the artifact)." for f in ci.dataset_inputs]
+    args += [
+        f"{f}: {kind.capitalize()} artifacts (e.g. dsl.Collected over a ParallelFor): artifact i fills `{sub}` of item i of spec field `{field}`."
+        for f, field, sub, kind in ci.collected_inputs
+    ]
     args += [f"{f}_uri: URI for spec field `{f}` when no artifact is connected (e.g. a pipeline parameter)." for f in ci.uri_inputs]
     args.append("output_uri: Prefix (s3:// or path) the step publishes to; overrides the spec's `output`.")
+    args.append("output_subpath: Appended to output_uri (e.g. a ParallelFor item's `<candidate>/<step>`).")
     args += [f"{f}: Sets spec field `{f}` (overrides the JSON spec; unset keeps it)." for f, _ in ci.settings]
     doc = "\n".join(
         [
@@ -128,13 +138,16 @@ def function_source(ci: ComponentInterface, form: Form, image: str) -> str:
             f"args=[{ci.name!r}, '--executor-input', '{{{{$}}}}'])"
         )
     else:
-        artifacts = ", ".join(f"{f!r}: {f}" for f in ci.model_inputs + tuple(f for f, _, _ in ci.item_inputs) + ci.metrics_inputs + ci.dataset_inputs)
+        artifacts = ", ".join(
+            f"{f!r}: {f}"
+            for f in ci.model_inputs + tuple(f for f, _, _ in ci.item_inputs) + ci.metrics_inputs + ci.dataset_inputs + tuple(f for f, *_ in ci.collected_inputs)
+        )
         uris = ", ".join(f"{f!r}: {f}_uri" for f in ci.uri_inputs)
         outputs = ", ".join(f"{o!r}: {o}" for o in ci.outputs)
         settings = ", ".join(f"{f!r}: {f}" for f, _ in ci.settings)
         body = (
             "from mnnpipe.kfp.launcher import launch_lightweight\n"
-            f"launch_lightweight({ci.name!r}, spec, {{{artifacts}}}, {{{uris}}}, output_uri, {{{outputs}}}, {{{settings}}})"
+            f"launch_lightweight({ci.name!r}, spec, {{{artifacts}}}, {{{uris}}}, output_uri, {{{outputs}}}, {{{settings}}}, output_subpath)"
         )
     signature = ",\n".join(f"    {p}" for p in params)
     return f'def {ci.function_name}(\n{signature},\n):\n    """{doc}\n    """\n{textwrap.indent(body, "    ")}\n'
@@ -143,12 +156,15 @@ def function_source(ci: ComponentInterface, form: Form, image: str) -> str:
 def _compile_function(source: str, name: str, key: str) -> Any:
     """Exec generated source under a registered file name, so inspect.getsource (kfp) finds it."""
     from kfp import dsl
+    from typing import List
+
     from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
     filename = f"<mnnpipe-kfp-{key}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace: dict[str, Any] = {
         "dsl": dsl, "Input": Input, "Output": Output, "Model": Model, "Metrics": Metrics, "Markdown": Markdown, "Dataset": Dataset,
+        "List": List,
     }
     exec(compile(source, filename, "exec", dont_inherit=True), namespace)  # no PEP 563 strings: kfp reads the types
     return namespace[name]
@@ -289,3 +305,12 @@ def _public_names() -> list[str]:
 # One function per component, made from the same list the generator writes component.yaml for.
 for _name in _public_names():
     globals()[_name] = _step_function(_name)
+
+
+def __getattr__(name: str) -> Any:
+    """`components.<step>` for a step registered after this module was imported."""
+    from .. import catalog
+
+    if name in catalog.names():
+        return _step_function(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

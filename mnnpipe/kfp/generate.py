@@ -35,6 +35,7 @@ def component_readme(name: str, image: str) -> str:
     inputs += [f"| `{f}` | Dataset (optional) | Sets `{f}.uri` in the spec. |" for f in ci.dataset_inputs]
     inputs += [f"| `{f}_uri` | parameter (string) | `{f}.uri` when no artifact is connected. |" for f in ci.uri_inputs]
     inputs.append("| `output_uri` | parameter (string) | Overrides the spec's `output` prefix. |")
+    inputs.append("| `output_subpath` | parameter (string) | Appended to `output_uri` (e.g. a ParallelFor item's `<candidate>/<step>`). |")
     inputs += [f"| `{f}` | parameter ({kind}, optional) | Sets the spec's `{f}` (unset keeps it). |" for f, kind in ci.settings]
     types = {"output_model": "Model", "metrics": "Metrics", "report": "Markdown"}
     outputs = [f"| `{o}` | {types[o]} |" for o in ci.outputs]

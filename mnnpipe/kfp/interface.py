@@ -68,6 +68,10 @@ class StepInterface:
     #: metric-value fields (`dict[str, float]`, e.g. the gate's `candidate_metrics`): each is a
     #: Metrics artifact input whose values fill the field.
     metrics_inputs: tuple[str, ...] = ()
+    #: fan-in inputs of a list of items (e.g. the select step's `candidates`): (input name, list
+    #: field, the item's field, "model" | "metrics"). A list of artifacts (`dsl.Collected` of a
+    #: ParallelFor) fills that field of item i from artifact i; the spec lists the items.
+    collected_inputs: tuple[tuple[str, str, str, str], ...] = ()
 
     @property
     def ref_inputs(self) -> tuple[str, ...]:
@@ -130,6 +134,21 @@ def _is_metric_values(annotation: Any) -> bool:
     return typing.get_origin(annotation) is dict and typing.get_args(annotation) == (str, float)
 
 
+def _collected_inputs(fields: dict[str, Any]) -> tuple[tuple[str, str, str, str], ...]:
+    out = []
+    for field, info in fields.items():
+        if typing.get_origin(info.annotation) not in (list, tuple):
+            continue
+        args = [a for a in typing.get_args(info.annotation) if a is not Ellipsis]
+        item_fields = getattr(args[0], "model_fields", {}) if len(args) == 1 else {}
+        for sub, sub_info in item_fields.items():
+            if _contains(sub_info.annotation, ModelRef):
+                out.append((f"{field}_{sub}", field, sub, "model"))
+            elif _is_metric_values(sub_info.annotation):
+                out.append((f"{field}_{sub}", field, sub, "metrics"))
+    return tuple(out)
+
+
 def step_interface(name: str) -> StepInterface:
     step = catalog.get(name)
     fields = step.spec.model_fields
@@ -146,4 +165,5 @@ def step_interface(name: str) -> StepInterface:
         produces_model=step.hands_on is not None or step.stage == "release",
         model_lists=lists,
         metrics_inputs=tuple(f for f, info in fields.items() if _is_metric_values(info.annotation)),
+        collected_inputs=_collected_inputs(fields),
     )

@@ -55,6 +55,7 @@ def bind_spec(
     model_lists: tuple[tuple[str, str], ...] = (),
     item_inputs: tuple[tuple[str, str, int, str], ...] = (),
     metrics_inputs: tuple[str, ...] = (),
+    collected_inputs: tuple[tuple[str, str, str, str], ...] = (),
 ) -> dict[str, Any]:
     """The spec dict with wired URIs filled in: an artifact wins over a `<field>_uri` parameter,
     which wins over the URI written in the spec. Other fields of a ref (format, factory,
@@ -62,6 +63,16 @@ def bind_spec(
     A per-item artifact (`models_item1`) sets that item's model; the list's own artifact then
     fills every item still without a uri. A connected Metrics artifact sets its metric-values field."""
     data = _spec_fields(spec_json)
+    for name, field_name, sub, kind in collected_inputs:
+        collected = artifacts.get(name)
+        if not collected:
+            continue
+        items = [dict(i) if isinstance(i, dict) else i for i in data.get(field_name) or []]
+        if len(collected) != len(items) or not all(isinstance(i, dict) for i in items):
+            raise SpecError(f"{name}: {len(collected)} artifact(s) collected for spec.{field_name}, which lists {len(items)} item(s)")
+        for item, artifact in zip(items, collected):
+            item[sub] = _with_uri(item.get(sub), input_uri(artifact), artifact.metadata.get("format")) if kind == "model" else metric_values(artifact, name)
+        data[field_name] = items
     for name, field_name, index, sub in item_inputs:
         artifact = artifacts.get(name)
         if artifact is None:
@@ -204,6 +215,7 @@ def launch(
         model_lists=iface.model_lists,
         item_inputs=iface.item_inputs,
         metrics_inputs=iface.metrics_inputs,
+        collected_inputs=iface.collected_inputs,
     )
     spec = parse_spec(step, data)
     result = run_step(step, spec, use_cache=use_cache, quiet=True)
@@ -241,17 +253,34 @@ def setting_names(step: str) -> set[str]:
     return {name for name, _ in setting_fields(catalog.get(step).spec)}
 
 
+def output_prefix(output_uri: str, subpath: str) -> str:
+    """Where the step publishes: output_uri, with `subpath` appended (a ParallelFor item's
+    `<candidate>/<step>`: kfp.local cannot interpolate a loop item into an f-string)."""
+    if not subpath:
+        return output_uri
+    if not output_uri:
+        raise SpecError("output_subpath: given without output_uri")
+    parts = subpath.strip("/").split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise SpecError(f"output_subpath: expected relative path segments, got '{subpath}'")
+    from ..store import join
+
+    return join(output_uri, *parts)
+
+
 def launch_lightweight(
-    step: str, spec: str, artifacts: dict[str, Any], uris: dict[str, str], output_uri: str, outputs: dict[str, Any], settings: dict[str, Any] | None = None
+    step: str, spec: str, artifacts: dict[str, Any], uris: dict[str, str], output_uri: str, outputs: dict[str, Any], settings: dict[str, Any] | None = None,
+    output_subpath: str = "",
 ) -> str:
     """Called by generated lightweight components with kfp's artifact objects; returns result JSON."""
     spec = with_settings(spec, settings or {})
-    refs = {
-        name: ArtifactRef(uri=a.uri, path=a.path, metadata=dict(a.metadata or {})) if a is not None else None
-        for name, a in artifacts.items()
-    }
+    def ref(a: Any) -> ArtifactRef:
+        return ArtifactRef(uri=a.uri, path=a.path, metadata=dict(a.metadata or {}))
+
+    refs = {name: ([ref(x) for x in a] if isinstance(a, list) else ref(a)) if a is not None else None for name, a in artifacts.items()}
     result, metadata = launch(
-        step, spec, artifacts=refs, uris=uris, output_uri=output_uri, output_paths={n: a.path for n, a in outputs.items()}
+        step, spec, artifacts=refs, uris=uris, output_uri=output_prefix(output_uri, output_subpath),
+        output_paths={n: a.path for n, a in outputs.items()},
     )
     for name, art in outputs.items():
         art.metadata.update(metadata.get(name, {}))
@@ -262,12 +291,16 @@ def launch_lightweight(
 
 
 def _artifact_from_executor(entry: dict[str, Any]) -> ArtifactRef | None:
-    items = entry.get("artifacts") or []
-    if not items:
-        return None
-    item = items[0]
-    uri = item.get("uri", "")
-    return ArtifactRef(uri=uri, path=local_path_for(uri), metadata=dict(item.get("metadata") or {}))
+    items = _artifacts_from_executor(entry)
+    return items[0] if items else None
+
+
+def _artifacts_from_executor(entry: dict[str, Any]) -> list[ArtifactRef]:
+    """Every artifact of one input (a list input, e.g. dsl.Collected, has several)."""
+    return [
+        ArtifactRef(uri=item.get("uri", ""), path=local_path_for(item.get("uri", "")), metadata=dict(item.get("metadata") or {}))
+        for item in entry.get("artifacts") or []
+    ]
 
 
 def run_executor_input(step: str, executor_input: dict[str, Any], launch_fn: Callable[..., Any] = launch) -> dict[str, Any]:
@@ -279,7 +312,13 @@ def run_executor_input(step: str, executor_input: dict[str, Any], launch_fn: Cal
         paths = {name: entry["outputFile"] for name, entry in (outputs.get("parameters") or {}).items()}
         values = resolve_into(str(params.get("model_registry", "")), paths)
         return {"parameterValues": values}
-    artifacts = {name: _artifact_from_executor(entry) for name, entry in (inputs.get("artifacts") or {}).items()}
+    from .interface import step_interface
+
+    collected = {name for name, *_ in step_interface(step).collected_inputs}
+    artifacts = {
+        name: _artifacts_from_executor(entry) if name in collected else _artifact_from_executor(entry)
+        for name, entry in (inputs.get("artifacts") or {}).items()
+    }
     uris = {name[: -len("_uri")]: str(v) for name, v in params.items() if name.endswith("_uri") and name != "output_uri" and v}
     out_artifacts = {name: _artifact_from_executor(entry) for name, entry in (outputs.get("artifacts") or {}).items()}
     output_paths = {name: a.path for name, a in out_artifacts.items() if a is not None}
@@ -290,7 +329,7 @@ def run_executor_input(step: str, executor_input: dict[str, Any], launch_fn: Cal
         with_settings(params.get("spec", "{}"), settings),
         artifacts=artifacts,
         uris=uris,
-        output_uri=str(params.get("output_uri", "")),
+        output_uri=output_prefix(str(params.get("output_uri", "")), str(params.get("output_subpath", ""))),
         output_paths=output_paths,
     )
     executor_output = {

@@ -126,15 +126,24 @@ def build_pipeline(
     return dsl.pipeline(name=PIPELINE_NAME, description=description, pipeline_root=pipeline_root)(compress)
 
 
-def render_steps(recipe_plan: Any, *, form: str, image: str, model_uri: Any, run_prefix: str, dataset_uris: dict[str, Any]) -> dict[str, Any]:
+def render_steps(
+    recipe_plan: Any, *, form: str, image: str, model_uri: Any, run_prefix: str, dataset_uris: dict[str, Any], spec_of: Any = None,
+    subpath_of: Any = None,
+) -> dict[str, Any]:
     """One task per planned step, wired: each step publishes to `<run_prefix>/<step>`; a wire
     from the source takes `model_uri`, one from an earlier step that step's output model.
-    Returns the tasks by step name."""
+    `spec_of(planned)`: the task's spec parameter (default: the planned spec as JSON; a search
+    passes its loop item's); `subpath_of(planned)`: the task's output_subpath (default: the step's
+    name under run_prefix; a search passes its loop item's `<candidate>/<step>`). Returns the tasks
+    by step name."""
     from .components import make_component, with_task_defaults
 
     tasks: dict[str, Any] = {}
     for planned in recipe_plan.steps:
-        kwargs: dict[str, Any] = {"output_uri": f"{run_prefix}/{planned.step}"}
+        if subpath_of is None:
+            kwargs: dict[str, Any] = {"output_uri": f"{run_prefix}/{planned.step}"}
+        else:
+            kwargs = {"output_uri": run_prefix, "output_subpath": subpath_of(planned)}
         for wire in planned.wires:
             field = wire.path[0]
             if wire.source == SOURCE:
@@ -147,7 +156,8 @@ def render_steps(recipe_plan: Any, *, form: str, image: str, model_uri: Any, run
             value = dataset_uris.get(f"{field}_uri")
             if value is not None:
                 kwargs[f"{field}_uri"] = value
-        task = make_component(planned.step, form, image)(spec=json.dumps(planned.spec, sort_keys=True), **kwargs)
+        spec = spec_of(planned) if spec_of is not None else json.dumps(planned.spec, sort_keys=True)
+        task = make_component(planned.step, form, image)(spec=spec, **kwargs)
         # Caching off: KFP's cache keys on parameter strings, not on the bytes behind model_uri (a
         # new model at the same URI would be served stale); mnnpipe's own cache is keyed on content.
         with_task_defaults(task).set_display_name(planned.step)
@@ -155,18 +165,28 @@ def render_steps(recipe_plan: Any, *, form: str, image: str, model_uri: Any, run
     return tasks
 
 
-def render_release(recipe_plan: Any, tasks: dict[str, Any], *, form: str, image: str, output_uri: Any, move_latest: bool = True) -> Any:
+_PLANNED = object()
+
+
+def render_release(
+    recipe_plan: Any, tasks: dict[str, Any], *, form: str, image: str, output_uri: Any, move_latest: bool = True,
+    candidate_from: str | None = None, metrics_from: str | None = None, reference_from: Any = _PLANNED,
+) -> Any:
     """The release gate after the planned steps: the candidate model, judged by the metrics step's
-    metrics against the reference step's (e.g. quantize's own fp32_accuracy)."""
+    metrics against the reference step's (e.g. quantize's own fp32_accuracy). A search names
+    its select task instead of the plan's steps."""
     from .components import make_component, with_task_defaults
 
     release = recipe_plan.release
+    candidate_from = candidate_from or release.candidate_from
+    metrics_from = metrics_from or release.metrics_from
+    reference_from = release.reference_from if reference_from is _PLANNED else reference_from
     gate = make_component(release.step, form, image)(
         spec=json.dumps({**release.spec, "move_latest": move_latest}, sort_keys=True),
         output_uri=output_uri,
-        candidate=tasks[release.candidate_from].outputs[OUTPUT_MODEL],
-        candidate_metrics=tasks[release.metrics_from].outputs[OUTPUT_METRICS],
-        **({"reference_metrics": tasks[release.reference_from].outputs[OUTPUT_METRICS]} if release.reference_from else {}),
+        candidate=tasks[candidate_from].outputs[OUTPUT_MODEL],
+        candidate_metrics=tasks[metrics_from].outputs[OUTPUT_METRICS],
+        **({"reference_metrics": tasks[reference_from].outputs[OUTPUT_METRICS]} if reference_from else {}),
     )
     return with_task_defaults(gate).set_display_name(release.step)
 

@@ -2,8 +2,8 @@
 
 The plot and the tables come from mnnpipe.report (the benchmark step's helpers), so a search
 report looks like a benchmark report: median latency over size, one marker per candidate, with
-its accuracy written beside it; the marker says whether it is the chosen one, on the Pareto front,
-off it, or infeasible.
+its accuracy written beside it; the marker says whether it meets the constraints and whether it is
+on the Pareto front, and a ring marks the chosen one.
 """
 
 from __future__ import annotations
@@ -14,35 +14,46 @@ from ..report import html_report, latency_size_plot, markdown_table
 from .select import CandidateMetrics, Selection, drop_pp
 from .spec import describe_overrides
 
-__all__ = ["SERIES", "metrics_json", "plot_points", "render_html", "render_markdown"]
+__all__ = ["LEGEND_NOTE", "SERIES", "STYLES", "metrics_json", "plot_points", "render_html", "render_markdown"]
 
-#: Plot series (marker and legend entry), in legend order. A candidate belongs to the first that fits.
-SERIES = ("chosen", "Pareto front", "off front", "infeasible")
+#: Plot series, in legend order, each with its own marker: colour and shape say whether the
+#: candidate meets the constraints (blue circle) or not (red square); a filled marker is on the
+#: Pareto front of size, latency and accuracy, a hollow one is off it. The chosen candidate is
+#: also ringed. Fixed per name, so a series looks the same in every report whatever else is drawn.
+SERIES = ("feasible, on front", "feasible, off front", "infeasible, on front", "infeasible, off front")
+STYLES = {
+    "feasible, on front": {"marker": "o", "color": "#1f77b4", "filled": True},
+    "feasible, off front": {"marker": "o", "color": "#1f77b4", "filled": False},
+    "infeasible, on front": {"marker": "s", "color": "#d62728", "filled": True},
+    "infeasible, off front": {"marker": "s", "color": "#d62728", "filled": False},
+}
+#: What the plot's markers mean, for the page under it.
+LEGEND_NOTE = (
+    "Markers: blue circles meet the constraints, red squares do not; filled is on the Pareto front of size, "
+    "median latency and accuracy (over every candidate that ran), hollow is off it; the ring is the chosen candidate."
+)
 
 
 def _series(c: CandidateMetrics, selection: Selection) -> str:
-    if c.id == selection.chosen:
-        return "chosen"
-    if c.id not in selection.feasible:
-        return "infeasible"
-    return "Pareto front" if c.id in selection.front else "off front"
+    feasible = "feasible" if c.id in selection.feasible else "infeasible"
+    return f"{feasible}, {'on' if c.id in selection.front else 'off'} front"
 
 
 def _note(c: CandidateMetrics) -> str:
     parts = [f"top-1 {c.accuracy * 100:.1f}%"] if c.accuracy is not None else []
     drop = drop_pp(c)
     if drop is not None:
-        parts.append(f"{-drop:+.1f} pp")
+        parts.append(f"{0.0 - drop:+.1f} pp")  # 0.0 - : no "-0.0" for no drop
     return " ".join(parts)
 
 
 def plot_points(cands: list[CandidateMetrics], selection: Selection) -> list[dict[str, Any]]:
     """The points latency_size_plot draws: candidates with a size and a median latency, grouped in
-    SERIES order so the legend always reads chosen, front, off front, infeasible."""
+    SERIES order so the legend always reads in the same order."""
     points = [
         {
             "label": c.id,
-            "size_mb": c.size_bytes / 1e6,
+            "size_bytes": c.size_bytes,
             "latency_ms": c.latency_ms_p50,
             "series": _series(c, selection),
             "note": _note(c),
@@ -78,8 +89,12 @@ def _rows(cands: list[CandidateMetrics], selection: Selection) -> list[dict[str,
 def render_html(cands: list[CandidateMetrics], selection: Selection, *, title: str) -> str:
     """One self-contained page: the plot (base64 PNG), the choice and its reason, every candidate."""
     points = plot_points(cands, selection)
-    png = latency_size_plot(points, title=f"{title}: median latency vs size") if points else None
-    notes = ["Markers: " + ", ".join(s for s in SERIES if any(p["series"] == s for p in points)) + "."] if points else []
+    png = (
+        latency_size_plot(points, title=f"{title}: median latency vs size", styles=STYLES, highlight=selection.chosen, highlight_label="chosen")
+        if points
+        else None
+    )
+    notes = [LEGEND_NOTE] if points else []
     unplotted = [c.id for c in cands if c.size_bytes is None or c.latency_ms_p50 is None]
     if unplotted:
         notes.append(f"Not plotted (no size or latency measured): {', '.join(unplotted)}.")

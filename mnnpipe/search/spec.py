@@ -273,9 +273,19 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return recipe
 
 
+def _describe_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "on"  # a whole section switched on (its settings are in the candidate's recipe)
+    if value is None:
+        return "off"  # a section (or field) removed
+    return json.dumps(value, sort_keys=True)
+
+
 def describe_overrides(overrides: dict[str, Any]) -> str:
-    """'prune.target.ratio=0.5, quantize.mode="int8"': how a candidate is named in messages."""
-    return ", ".join(f"{p}={json.dumps(v, sort_keys=True)}" for p, v in overrides.items()) or "the base recipe"
+    """'prune.target.ratio=0.5, quantize.mode="int8"': how a candidate is named in messages and
+    report tables. A whole section given as a value reads `on` and a null `off`
+    ('prune.target.ratio=0.5, quantize=on', not the section's every setting); other values as JSON."""
+    return ", ".join(f"{p}={_describe_value(v)}" for p, v in overrides.items()) or "the base recipe"
 
 
 def _axes(spec: SearchSpec) -> list[tuple[str, list[Any]]]:

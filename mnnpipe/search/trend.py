@@ -24,7 +24,7 @@ from ..report import html_report
 from ..specs import Strict
 from ..store import MANIFEST, join, store_for
 
-__all__ = ["Release", "Trend", "TrendPoint", "TrendTolerance", "collect_releases", "render_trend_html", "trend", "trend_json"]
+__all__ = ["Release", "Trend", "TrendPoint", "TrendTolerance", "collect_releases", "render_trend_html", "trend", "trend_json", "trend_plot"]
 
 log = logging.getLogger(__name__)
 

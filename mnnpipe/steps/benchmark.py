@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..catalog import register
 from ..errors import InputError
 from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, TensorSpec, check_sample_memory, tensor_bytes
+from ..stepkit import random_tensor
 from ..verify import Fidelity, compare
 
 METRICS_FILE = "metrics.json"
@@ -199,17 +200,6 @@ class Result(StepResult):
 # --------------------------------------------------------------------------- inputs
 
 
-_NP = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
-
-
-def _random(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    lo, hi = t.range
-    if t.dtype == "float32":
-        return rng.uniform(lo, hi, size=shape).astype(np.float32)
-    low = int(np.ceil(lo))
-    return rng.integers(low, max(low + 1, int(np.ceil(hi))), size=shape).astype(_NP[t.dtype])
-
-
 def _with_batch(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
     return (batch, *shape[1:])
 
@@ -223,7 +213,7 @@ def _timing_inputs(spec: Spec, inputs: list[TensorSpec], eval_x: np.ndarray | No
             idx = np.arange(b) % len(eval_x)
             out[b] = [eval_x[idx]]
         else:
-            out[b] = [_random(t, _with_batch(t.shape, b), rng) for t in inputs]
+            out[b] = [random_tensor(t, rng, _with_batch(t.shape, b)) for t in inputs]
     return out
 
 
@@ -239,15 +229,13 @@ def _build_peers(spec: Spec, ctx: Any, inputs: list[TensorSpec], eval_x: np.ndar
     source = next(m for m in spec.models if (m.label == spec.peer_source if spec.peer_source else m.model.format == "onnx"))
     n = spec.peer_calibration_samples
     if spec.peer_calibration is not None:
-        from ..data import load_dataset
-
         ref = spec.peer_calibration
-        x, origin = load_dataset(ref, ctx.local(ref.uri) if ref.uri else None).x[:n], f"{ref.format} {ref.split} split"
+        x, origin = ctx.dataset(ref, "peer_calibration").x[:n], f"{ref.format} {ref.split} split"
     elif eval_x is not None:
         x, origin = eval_x[:n], "the benchmark's evaluation set (accuracy of int8 peers is then optimistic)"
     else:
         rng = np.random.default_rng(spec.seed + 2)
-        x, origin = _random(inputs[0], _with_batch(inputs[0].shape, n), rng), "random inputs"
+        x, origin = random_tensor(inputs[0], rng, _with_batch(inputs[0].shape, n)), "random inputs"
     samples = [np.ascontiguousarray(s[None]) for s in x]
     onnx_path = ctx.local(source.model.uri)
     out = []
@@ -288,9 +276,7 @@ def run(spec: Spec, ctx: Any) -> Result:
     eval_x: np.ndarray | None = None
     inputs = list(spec.inputs)
     if spec.dataset is not None:
-        from ..data import load_dataset
-
-        ds = load_dataset(spec.dataset, ctx.local(spec.dataset.uri) if spec.dataset.uri else None)
+        ds = ctx.dataset(spec.dataset, "dataset")
         eval_x, labels_y = ds.x, ds.y
         if inputs and tuple(inputs[0].shape[1:]) != tuple(eval_x.shape[1:]):
             raise InputError(
@@ -303,7 +289,7 @@ def run(spec: Spec, ctx: Any) -> Result:
         eval_inputs = [eval_x]
     elif spec.reference is not None:
         rng = np.random.default_rng(spec.seed + 1)
-        eval_inputs = [_random(t, _with_batch(t.shape, spec.num_samples), rng) for t in inputs]
+        eval_inputs = [random_tensor(t, rng, _with_batch(t.shape, spec.num_samples)) for t in inputs]
     timing = _timing_inputs(spec, inputs, eval_x)
     settings = [(t, b) for t in spec.threads for b in spec.batch_sizes]
     targets = [(mut.label, mut.model, None) for mut in spec.models] + _build_peers(spec, ctx, inputs, eval_x)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -32,7 +32,11 @@ from pydantic import Field, field_validator, model_validator
 from ..catalog import HandOff, register
 from ..errors import InputError, SpecError, StepFailed, ToolError
 from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, TensorSpec, Tolerance, check_sample_memory, tensor_bytes
+from ..stepkit import NP_DTYPES, random_inputs
 from ..verify import Fidelity, check, compare
+
+if TYPE_CHECKING:
+    from ..data import Dataset
 
 MNN_FILE = "model.mnn"
 ONNX_FILE = "model.onnx"
@@ -160,10 +164,7 @@ class Spec(StepSpec):
             if self.model.format != "onnx":
                 raise ValueError("inputs (name, shape, dtype of each input) is required for a torch model")
             return self  # read from the ONNX graph at run time, and checked there
-        if self.samples is not None and len(self.inputs) != 1:
-            raise ValueError("samples (a dataset) can feed only a single-input model; omit it to use random inputs")
-        per_sample = sum(tensor_bytes(t) for t in self.inputs)
-        check_sample_memory(self.num_samples * per_sample, f"num_samples ({self.num_samples}) x inputs ({per_sample} bytes per sample)")
+        _check_inputs_fit(self.inputs, self.num_samples, self.samples)
         return self
 
 
@@ -198,30 +199,17 @@ class Result(StepResult):
 # --------------------------------------------------------------------------- sample inputs
 
 
-_NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
+def _check_inputs_fit(inputs: list[TensorSpec], num_samples: int, samples: DatasetRef | None) -> None:
+    """ValueError when a dataset is to feed several inputs, or the sample inputs would need more
+    than SAMPLE_MAX_BYTES: checked by the spec, or at run time for inputs read from the ONNX graph."""
+    if samples is not None and len(inputs) != 1:
+        raise ValueError("samples (a dataset) can feed only a single-input model; omit it to use random inputs")
+    per_sample = sum(tensor_bytes(t) for t in inputs)
+    check_sample_memory(num_samples * per_sample, f"num_samples ({num_samples}) x inputs ({per_sample} bytes per sample)")
 
 
-def random_inputs(inputs: list[TensorSpec], n: int, seed: int) -> list[list[np.ndarray]]:
-    """`n` samples; each a list of arrays (one per input) drawn uniformly from the input's range."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        sample = []
-        for t in inputs:
-            lo, hi = t.range
-            if t.dtype in ("float32", "float64"):
-                sample.append(rng.uniform(lo, hi, size=t.shape).astype(_NP_DTYPES[t.dtype]))
-            else:
-                sample.append(rng.integers(int(np.ceil(lo)), max(int(np.ceil(lo)) + 1, int(np.ceil(hi))), size=t.shape).astype(_NP_DTYPES[t.dtype]))
-        out.append(sample)
-    return out
-
-
-def dataset_inputs(ref: DatasetRef, local: Path | None, t: TensorSpec, n: int) -> list[list[np.ndarray]]:
-    """Up to `n` samples from a dataset, grouped into batches of the input's batch size."""
-    from ..data import load_dataset
-
-    ds = load_dataset(ref, local)
+def dataset_inputs(ds: Dataset, t: TensorSpec, n: int) -> list[list[np.ndarray]]:
+    """Up to `n` samples of a dataset, grouped into batches of the input's batch size."""
     x = ds.x
     if tuple(x.shape[1:]) != tuple(t.shape[1:]):
         raise InputError(
@@ -232,7 +220,7 @@ def dataset_inputs(ref: DatasetRef, local: Path | None, t: TensorSpec, n: int) -
     groups = [x[i : i + batch] for i in range(0, len(x) - batch + 1, batch)]
     if not groups:
         raise InputError(f"samples: the dataset has {len(x)} samples, fewer than one batch of {batch}")
-    return [[g.astype(_NP_DTYPES[t.dtype])] for g in groups]
+    return [[g.astype(NP_DTYPES[t.dtype])] for g in groups]
 
 
 # --------------------------------------------------------------------------- the step
@@ -391,17 +379,16 @@ def run(spec: Spec, ctx: Any) -> Result:
     if spec.model.format == "onnx":
         inputs = _onnx_inputs(src_path, spec)
         if spec.inputs is None:  # the spec validator could not size what it did not know
-            per_sample = sum(tensor_bytes(t) for t in inputs)
-            check_sample_memory(spec.num_samples * per_sample, f"num_samples ({spec.num_samples}) x inputs ({per_sample} bytes per sample)")
-            if spec.samples is not None and len(inputs) != 1:
-                raise SpecError("samples (a dataset) can feed only a single-input model; omit it to use random inputs")
+            try:
+                _check_inputs_fit(inputs, spec.num_samples, spec.samples)
+            except ValueError as exc:
+                raise SpecError(str(exc)) from None
     else:
         assert spec.inputs is not None  # the validator requires them for torch models
         inputs = list(spec.inputs)
     names = [t.name for t in inputs]
     if spec.samples is not None:
-        local = ctx.local(spec.samples.uri) if spec.samples.uri else None
-        samples = dataset_inputs(spec.samples, local, inputs[0], spec.num_samples)
+        samples = dataset_inputs(ctx.dataset(spec.samples, "samples"), inputs[0], spec.num_samples)
     else:
         samples = random_inputs(inputs, spec.num_samples, spec.seed)
 

@@ -18,6 +18,7 @@ programs refuse `.train()`, so they cannot be students.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..catalog import HandOff, register
-from ..errors import InputError, StepFailed
-from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, check_factory
+from ..errors import InputError, StepFailed, first_line
+from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, TrainingOptions, check_factory
 
 if TYPE_CHECKING:
     import numpy as np
@@ -101,14 +102,9 @@ class FeaturePair(Strict):
     teacher: str = Field(min_length=1, max_length=256, description="Teacher layer name as in named_modules(), e.g. 'features.3'.")
 
 
-class Training(Strict):
+class Training(TrainingOptions):
     """Optimisation settings, shared by the distilled student and the no-teacher baseline."""
 
-    epochs: int = Field(20, ge=1, le=10_000, description="Maximum number of passes over the training split.")
-    batch_size: int = Field(64, ge=1, le=65_536, description="Samples per optimisation step.")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd (Nesterov momentum 0.9).")
-    lr: float = Field(1e-3, gt=0, le=10, description="Initial learning rate.")
-    weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled (adamw) or L2 (sgd) weight decay.")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule over `epochs`.")
     patience: int | None = Field(
         None, ge=1, description="Stop when validation accuracy has not improved for this many epochs; None trains all epochs."
@@ -221,11 +217,11 @@ def run(spec: Spec, ctx: StepContext) -> Result:
     import torch
 
     from ..models import count_params
-    from ..modelio import load_torch
-    from ..train import FeatureDistiller, FitConfig, FitHistory, accuracy, fit, seed_everything, topk_accuracy
+    from ..stepkit import fit_config
+    from ..train import FeatureDistiller, FitHistory, accuracy, fit, seed_everything, topk_accuracy
 
     train_set, val_set, test_set = _load_splits(spec.dataset, ctx)
-    teacher = load_torch(spec.teacher, ctx.local(spec.teacher.uri))
+    teacher = ctx.torch_model(spec.teacher)
     _set_requires_grad(teacher, False)
     num_classes = train_set.num_classes
     _check_outputs("teacher", teacher, train_set.x[:2], num_classes)
@@ -234,12 +230,7 @@ def run(spec: Spec, ctx: StepContext) -> Result:
     test_logits, _ = _teacher_logits(spec, ctx, teacher, test_set.x)
     teacher_acc = topk_accuracy(test_logits, test_set.y, 1)
 
-    t = spec.training
-    cfg = FitConfig(
-        epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer,
-        schedule=t.schedule, seed=spec.seed, temperature=spec.temperature, alpha=spec.alpha, patience=t.patience,
-        beta=spec.beta,
-    )  # fmt: skip
+    cfg = fit_config(spec.training, spec.seed, temperature=spec.temperature, alpha=spec.alpha, beta=spec.beta)
     progress = lambda it, desc: ctx.progress(it, f"distill {desc}")  # noqa: E731
 
     seed_everything(spec.seed)  # the student's initial weights depend only on the seed
@@ -281,7 +272,7 @@ def run(spec: Spec, ctx: StepContext) -> Result:
     if spec.baseline:
         seed_everything(spec.seed)
         plain, _, _ = _build_student(spec.student, ctx, train_set, num_classes)
-        plain_cfg = FitConfig(**{**cfg.__dict__, "alpha": 0.0})
+        plain_cfg = dataclasses.replace(cfg, alpha=0.0)
         baseline_history = fit(plain, train_set, plain_cfg, val=val_set, progress=lambda it, d: ctx.progress(it, f"baseline {d}"))
         baseline_acc = accuracy(plain, test_set)
 
@@ -338,12 +329,8 @@ def run(spec: Spec, ctx: StepContext) -> Result:
 
 
 def _load_splits(ref: DatasetRef, ctx: StepContext) -> tuple[Dataset, Dataset, Dataset]:
-    from ..data import load_dataset
-
-    local = ctx.local(ref.uri) if ref.uri else None
-    splits = tuple(load_dataset(ref.model_copy(update={"split": s}), local) for s in ("train", "val", "test"))
-    if splits[0].y is None:
-        raise InputError(f"dataset: {ref.uri or ref.format} has no labels; distillation needs labelled data")
+    labelled = "distillation needs labelled data"
+    splits = tuple(ctx.dataset(ref.model_copy(update={"split": s}), "dataset", labelled=labelled) for s in ("train", "val", "test"))
     if splits[0].x.ndim < 2:
         raise InputError(f"dataset: samples have shape {list(splits[0].x.shape[1:])}; expected tensors")
     return splits  # type: ignore[return-value]
@@ -357,8 +344,7 @@ def _check_outputs(role: str, model: nn.Module, x: np.ndarray, num_classes: int)
         with torch.no_grad():
             out = model.eval()(torch.from_numpy(x))
     except Exception as e:  # shape or dtype mismatch inside someone else's forward
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise InputError(f"{role}: cannot run on dataset inputs of shape {list(x.shape[1:])} ({first})") from None
+        raise InputError(f"{role}: cannot run on dataset inputs of shape {list(x.shape[1:])} ({first_line(e)})") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise InputError(f"{role}: expected (batch, classes) logits, got {shape}")
@@ -369,7 +355,7 @@ def _check_outputs(role: str, model: nn.Module, x: np.ndarray, num_classes: int)
 def _build_student(s: Student, ctx: StepContext, train: Dataset, num_classes: int) -> tuple[nn.Module, str | None, dict[str, Any]]:
     import torch
 
-    from ..modelio import build, load_torch
+    from ..modelio import build
 
     if s.architecture is not None:
         factory = f"mnnpipe.models:{s.architecture}"
@@ -380,7 +366,7 @@ def _build_student(s: Student, ctx: StepContext, train: Dataset, num_classes: in
         model = build(factory, kwargs)
     else:
         assert s.model is not None
-        model = load_torch(s.model, ctx.local(s.model.uri))
+        model = ctx.torch_model(s.model)
         factory = s.model.factory if s.model.format == "state-dict" else None
         kwargs = dict(s.model.factory_kwargs) if factory else {}
         _set_requires_grad(model, True)
@@ -505,21 +491,10 @@ def _write_student(student: nn.Module, factory: str | None, factory_kwargs: dict
 
     import torch
 
-    from ..modelio import save_torchscript
-    from ..specs import Tolerance
-    from ..train import predict
-    from ..verify import check, compare
+    from ..stepkit import save_verified_torchscript
 
     staged = ctx.scratch("student") / "model.pt"
-    example = torch.from_numpy(test.x[:1])
-    if isinstance(student, torch.jit.ScriptModule):
-        student.save(str(staged))
-    else:
-        save_torchscript(student, (example,), staged)
-    reloaded = torch.jit.load(str(staged), map_location="cpu")
-    # Tracing bakes in one control-flow path: the saved file must reproduce the trained student.
-    fid = compare(list(predict(student, test.x)), list(predict(reloaded, test.x)))
-    check(fid, Tolerance(max_abs_error=1e-4, min_cosine=0.9999, min_top1_agreement=1.0), "the saved TorchScript student")
+    save_verified_torchscript(student, torch.from_numpy(test.x[:1]), test.x, staged, "the saved TorchScript student")
     shutil.copyfile(staged, ctx.outdir / "model.pt")
     if factory is not None:
         torch.save(

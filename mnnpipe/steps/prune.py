@@ -7,12 +7,13 @@ channel ratio, or a parameter / MAC budget met by searching the ratio on a copy 
 Unstructured pruning zeroes the globally smallest weights; the masks are folded into the weights
 and the reported sparsity is counted from the saved file.
 
-`iterative_steps` > 1 prunes a little, fine-tunes, and repeats. Structured steps follow one
+`iterative_steps` > 1 prunes a little, fine-tunes, and repeats. A channel ratio follows one
 Torch-Pruning pruner's own schedule (its `iterative_steps`, linear scheduler): after step k of K
-every layer (uniform) or the model (global) has lost k/K of the final share of its original
-channels; unstructured steps reach k/K of the sparsity. Recovery reuses `mnnpipe.train.fit` (optionally distilling from the
-unpruned model). The output is TorchScript `model.pt` (a state-dict no longer fits the original
-class once channels are gone) and `model.pt2` when torch.export handles the pruned model.
+every layer (uniform) or the model (global) has lost k/K of the ratio of its original channels.
+A params / MACs budget moves k/K of the way to the budget (a bisection per step); unstructured
+pruning reaches k/K of the sparsity. Recovery reuses `mnnpipe.train.fit` (optionally distilling
+from the unpruned model). The output is TorchScript `model.pt` (a state-dict no longer fits the
+original class once channels are gone) and `model.pt2` when torch.export handles the pruned model.
 
 Findings (Torch-Pruning 1.6.1, torch 2.13): DepGraph needs a real nn.Module. A TorchScript
 module has no module graph to rewrite, and a torch.export program's `.module()` refuses `.eval()`
@@ -32,8 +33,11 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..catalog import HandOff, register
-from ..errors import InputError, SpecError, StepFailed
-from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, Strict, TensorSpec
+from ..errors import InputError, SpecError, StepFailed, first_line
+from ..specs import (
+    DatasetRef, ModelRef, StepResult, StepSpec, Strict, TensorSpec, TrainingOptions, accuracy_drop_pp, exceeds_accuracy_budget,
+    max_accuracy_drop_field,
+)  # fmt: skip
 
 if TYPE_CHECKING:
     import numpy as np
@@ -80,15 +84,11 @@ class Target(Strict):
         return self
 
 
-class FineTune(Strict):
-    """Recovery training after each pruning step (mnnpipe.train.fit)."""
+class FineTune(TrainingOptions):
+    """Recovery training after each pruning step (mnnpipe.train.fit; cosine learning-rate schedule)."""
 
-    dataset: DatasetRef = Field(description="Labelled training data (e.g. split 'train').")
     epochs: int = Field(3, ge=1, le=10_000, description="Epochs of fine-tuning after each pruning step.")
-    batch_size: int = Field(64, ge=1, le=65_536, description="Samples per optimisation step.")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd (Nesterov momentum 0.9).")
-    lr: float = Field(1e-3, gt=0, le=10, description="Initial learning rate (cosine schedule over `epochs`).")
-    weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled (adamw) or L2 (sgd) weight decay.")
+    dataset: DatasetRef = Field(description="Labelled training data (e.g. split 'train').")
     distill: bool = Field(False, description="Use the unpruned model as a distillation teacher.")
     temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature for distillation.")
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the distillation term when `distill` is on.")
@@ -151,12 +151,8 @@ class Spec(StepSpec):
     evaluation: DatasetRef | None = Field(
         None, description="Labelled data for accuracy before pruning, after pruning and after fine-tuning."
     )
-    max_accuracy_drop: float | None = Field(
-        None,
-        ge=0,
-        le=100,
-        description="Fail (publish nothing) if the final top-1 accuracy on `evaluation` is more than this many "
-        "PERCENTAGE POINTS below the original's (as in quantize: 0.5 means 97.5% -> at least 97.0%).",
+    max_accuracy_drop: float | None = max_accuracy_drop_field(
+        None, "of the final model below the original on `evaluation`", "None: unchecked."
     )
     export_pt2: bool = Field(True, description="Also write model.pt2 (torch.export) when the pruned model exports.")
 
@@ -250,16 +246,14 @@ PruneSpec, PruneResult = Spec, Result
 
 
 def run(spec: Spec, ctx: StepContext) -> Result:
-    import torch
-
-    from ..modelio import load_torch
     from ..train import accuracy, predict, seed_everything
 
     seed_everything(spec.seed)
-    model = load_torch(spec.model, ctx.local(spec.model.uri))
-    train_set = _load(spec.finetune.dataset, ctx, "finetune.dataset", labelled=True) if spec.finetune else None
-    eval_set = _load(spec.evaluation, ctx, "evaluation", labelled=True) if spec.evaluation else None
-    calib_set = _load(spec.calibration, ctx, "calibration", labelled=False) if spec.calibration else train_set
+    model = ctx.torch_model(spec.model)
+    labelled = "accuracy and fine-tuning need labels"
+    train_set = ctx.dataset(spec.finetune.dataset, "finetune.dataset", labelled=labelled) if spec.finetune else None
+    eval_set = ctx.dataset(spec.evaluation, "evaluation", labelled=labelled) if spec.evaluation else None
+    calib_set = ctx.dataset(spec.calibration, "calibration") if spec.calibration else train_set
     example = _example_input(spec, calib_set or train_set or eval_set)
     _check_runs(model, example)
 
@@ -304,13 +298,13 @@ def run(spec: Spec, ctx: StepContext) -> Result:
     macs_after, params_after = _count(model, example)
     acc_after = accuracy(model, eval_set) if eval_set else None
     if spec.max_accuracy_drop is not None and acc_before is not None and acc_after is not None:
-        drop_pp = 100 * (acc_before - acc_after)
-        if drop_pp > spec.max_accuracy_drop:
+        drop_pp = accuracy_drop_pp(acc_before, acc_after)
+        if exceeds_accuracy_budget(drop_pp, spec.max_accuracy_drop):
             raise StepFailed(
                 f"accuracy fell from {acc_before:.2%} to {acc_after:.2%} ({drop_pp:.2f} points), more than max_accuracy_drop {spec.max_accuracy_drop} points"
             )
 
-    verify_x = torch.from_numpy((eval_set or calib_set or train_set).x[:16]) if (eval_set or calib_set or train_set) else example
+    verify_x = (eval_set or calib_set or train_set).x[:16] if (eval_set or calib_set or train_set) else example.numpy()
     zeros, total, pt2_error = _write_model(model, example, verify_x, spec.export_pt2, ctx)
     after_channels = _out_channels(model)
     changed = {n: [c, after_channels.get(n, 0)] for n, c in before_channels.items() if after_channels.get(n) != c}
@@ -354,15 +348,6 @@ def run(spec: Spec, ctx: StepContext) -> Result:
 # --------------------------------------------------------------------------- inputs
 
 
-def _load(ref: DatasetRef, ctx: StepContext, field: str, *, labelled: bool) -> Dataset:
-    from ..data import load_dataset
-
-    data = load_dataset(ref, ctx.local(ref.uri) if ref.uri else None)
-    if labelled and data.y is None:
-        raise InputError(f"{field}: {ref.uri or ref.format} has no labels; accuracy and fine-tuning need labels")
-    return data
-
-
 def _example_input(spec: Spec, data: Dataset | None) -> torch.Tensor:
     import torch
 
@@ -383,7 +368,7 @@ def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
         with torch.no_grad():
             out = model.eval()(example)
     except Exception as e:  # a shape mismatch inside someone else's forward
-        raise InputError(f"model: cannot run on an input of shape {list(example.shape)} ({_first_line(e)})") from None
+        raise InputError(f"model: cannot run on an input of shape {list(example.shape)} ({first_line(e)})") from None
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         raise InputError("model: expected one (batch, outputs...) tensor as output; Torch-Pruning traces single-tensor models here")
 
@@ -425,15 +410,15 @@ def _output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
 
 
 class _ChannelPruning:
-    """Structured pruning over all iterative steps with one Torch-Pruning pruner, which owns the schedule.
+    """Structured pruning step by step, in place.
 
-    The pruner is built at the first step with `iterative_steps` and Torch-Pruning's linear
-    scheduler; each step calls its `step()` once, after scoring the model as it is then (data-
-    driven criteria), so fine-tuning between steps changes which channels go next. The final share
-    is `target.ratio` of the channels, or for a params / MACs budget the share found before the
-    first step by bisection on copies of the model pruned in one go. A uniform schedule's channel
-    counts do not depend on the path, so it meets the budget exactly; a global one ranks channels
-    anew each step and is checked after the last.
+    A channel target is one Torch-Pruning pruner built at the first step with `iterative_steps`,
+    which owns the schedule (its linear scheduler: after step k of K every layer, or the model
+    when global, has lost k/K of `target.ratio` of its original channels); each step scores the
+    model as it is then (data-driven criteria, after the previous step's fine-tuning) and calls
+    its `step()` once. A params / MACs budget has no Torch-Pruning schedule: step k's goal moves
+    a linear share of the way to the budget, and a bisection on copies of the model finds the
+    channel share one single-step pruner must remove to meet it.
     """
 
     def __init__(
@@ -448,73 +433,56 @@ class _ChannelPruning:
         self.importance = self.criterion.make()
         self.before = before  # (MACs, params) of the unpruned model
         self.pruner: object | None = None
-        self.budget: int | None = None
 
     def step(self, k: int) -> None:
-        """Prune step k of `spec.iterative_steps` in place."""
-        if k == 1:
-            self._score()
-            ratio = self._final_ratio()
-            if ratio <= 0:
-                return  # the budget is met already: nothing to prune in any step
-            self.pruner = _make_pruner(self.model, self.example, self.importance, ratio, self.spec, self.ignored)
-        elif self.pruner is None:
-            return
-        else:
-            self._score()
-        self.pruner.step()  # type: ignore[attr-defined]
-        if k == self.spec.iterative_steps and self.budget is not None:
-            by = self.spec.target.by
-            left = _count(self.model, self.example)[0 if by == "macs" else 1]
-            if left > self.budget:
-                raise StepFailed(
-                    f"target: {by} {left} after {k} steps is above the budget {self.budget}: the steps removed other channels "
-                    "than the search on the unpruned model (fine-tuning between the steps of global pruning ranks them anew); "
-                    "use scope 'uniform' or iterative_steps 1"
-                )
-
-    def _score(self) -> None:
+        """Prune step k of `spec.iterative_steps`."""
         if self.criterion.needs_data:
             assert self.calib is not None
             self.criterion.prepare(self.model, _batches(self.calib, self.spec.calibration_batches), self.importance)
+        t = self.spec.target
+        if t.by != "channels":
+            self._budget_step(k)
+            return
+        if self.pruner is None:
+            assert t.ratio is not None
+            self.pruner = _make_pruner(self.model, self.example, self.importance, t.ratio, self.spec, self.ignored, self.spec.iterative_steps)
+        self.pruner.step()  # type: ignore[attr-defined]
 
-    def _final_ratio(self) -> float:
-        """Share of the channels to remove by the last step: the channel ratio, or the budget's by bisection."""
+    def _budget_step(self, k: int) -> None:
         from ..importance import copy_scores
 
-        t = self.spec.target
-        if t.by == "channels":
-            assert t.ratio is not None
-            return t.ratio
+        t, model, example = self.spec.target, self.model, self.example
         measure = 0 if t.by == "macs" else 1  # index into count_ops_and_params' (macs, params)
         start = self.before[measure]
-        self.budget = t.count if t.count is not None else round(start * (1 - (t.ratio or 0)))
-        if start <= self.budget:
-            return 0.0
+        final = t.count if t.count is not None else round(start * (1 - (t.ratio or 0)))
+        goal = start - (start - final) * k / self.spec.iterative_steps
+        if _count(model, example)[measure] <= goal:
+            return
+
+        def prune(target: nn.Module, ratio: float) -> None:
+            _make_pruner(target, example, self.importance, ratio, self.spec, self.ignored, steps=1).step()  # type: ignore[attr-defined]
 
         def trial(ratio: float) -> float:
-            candidate = copy.deepcopy(self.model)
-            copy_scores(self.model, candidate)
-            _make_pruner(candidate, self.example, self.importance, ratio, self.spec, self.ignored, steps=1).step()
-            return _count(candidate, self.example)[measure]
+            candidate = copy.deepcopy(model)
+            copy_scores(model, candidate)
+            prune(candidate, ratio)
+            return _count(candidate, example)[measure]
 
         low, high = 0.0, self.spec.max_layer_ratio
         smallest = trial(high)
-        if smallest > self.budget:
+        if smallest > goal:
             raise StepFailed(
-                f"target: cannot reach {t.by} <= {self.budget}: removing max_layer_ratio {high} of every prunable "
-                f"layer still leaves {int(smallest)}; raise max_layer_ratio or ignore fewer layers"
+                f"target: cannot reach {t.by} <= {int(goal)} in step {k}: removing max_layer_ratio {high} of every prunable "
+                f"layer still leaves {int(smallest)}; raise max_layer_ratio, add iterative_steps or ignore fewer layers"
             )
         for _ in range(_SEARCH_ITERATIONS):
             mid = (low + high) / 2
-            low, high = (low, mid) if trial(mid) <= self.budget else (mid, high)
-        return high
+            low, high = (low, mid) if trial(mid) <= goal else (mid, high)
+        prune(model, high)
 
 
-def _make_pruner(
-    model: nn.Module, example: torch.Tensor, importance: object, ratio: float, spec: Spec, ignored: list[str], steps: int | None = None
-) -> object:
-    """A MetaPruner that removes `ratio` of the channels over `steps` (default: spec.iterative_steps) calls of step()."""
+def _make_pruner(model: nn.Module, example: torch.Tensor, importance: object, ratio: float, spec: Spec, ignored: list[str], steps: int) -> object:
+    """A Torch-Pruning MetaPruner that removes `ratio` of the original channels over `steps` calls of its step()."""
     import torch_pruning as tp
 
     modules = dict(model.named_modules())
@@ -524,14 +492,14 @@ def _make_pruner(
             example,
             importance=importance,
             pruning_ratio=ratio,
-            iterative_steps=steps or spec.iterative_steps,
+            iterative_steps=steps,
             global_pruning=spec.scope == "global",
             max_pruning_ratio=spec.max_layer_ratio,
             ignored_layers=[modules[n] for n in ignored],
             round_to=spec.round_to,
         )
     except Exception as e:  # DepGraph raises many kinds for models it cannot trace
-        raise InputError(f"model: Torch-Pruning cannot trace its dependencies ({_first_line(e)})") from None
+        raise InputError(f"model: Torch-Pruning cannot trace its dependencies ({first_line(e)})") from None
 
 
 def _batches(data: Dataset, limit: int, size: int = 32):
@@ -608,14 +576,12 @@ def _sparsity(model: nn.Module) -> tuple[float, int, int]:
 
 
 def _finetune(model: nn.Module, train: Dataset, spec: Spec, teacher_logits: np.ndarray | None, ctx: StepContext, k: int) -> None:
-    from ..train import FitConfig, fit
+    from ..stepkit import fit_config
+    from ..train import fit
 
     f = spec.finetune
     assert f is not None
-    cfg = FitConfig(
-        epochs=f.epochs, batch_size=f.batch_size, lr=f.lr, weight_decay=f.weight_decay, optimizer=f.optimizer,
-        seed=spec.seed + k, temperature=f.temperature, alpha=f.alpha if f.distill else 0.0,
-    )  # fmt: skip
+    cfg = fit_config(f, spec.seed + k, alpha=f.alpha if f.distill else 0.0)
     fit(model, train, cfg, teacher_logits=teacher_logits, progress=lambda it, desc: ctx.progress(it, f"prune step {k} {desc}"))
     model.eval()
 
@@ -645,7 +611,7 @@ def _out_channels(model: nn.Module) -> dict[str, int]:
 
 
 def _write_model(
-    model: nn.Module, example: torch.Tensor, verify_x: torch.Tensor, export_pt2: bool, ctx: StepContext
+    model: nn.Module, example: torch.Tensor, verify_x: np.ndarray, export_pt2: bool, ctx: StepContext
 ) -> tuple[int, int, str | None]:
     """Stage model.pt (and model.pt2), check each reproduces the pruned model, then copy to outdir.
 
@@ -654,19 +620,10 @@ def _write_model(
     """
     import torch
 
-    from ..modelio import save_torchscript
-    from ..specs import Tolerance
-    from ..verify import check, compare
+    from ..stepkit import check_reproduces, save_verified_torchscript
 
     staged = ctx.scratch("pruned")
-    with torch.no_grad():
-        reference = model(verify_x).numpy()
-    pt = save_torchscript(model, (example,), staged / "model.pt")
-    reloaded = torch.jit.load(str(pt), map_location="cpu")
-    with torch.no_grad():
-        got = reloaded(verify_x).numpy()
-    strict = Tolerance(max_abs_error=1e-4, min_cosine=0.9999, min_top1_agreement=1.0)
-    check(compare([reference], [got]), strict, "the saved TorchScript model")
+    reloaded, reference = save_verified_torchscript(model, example, verify_x, staged / "model.pt", "the saved TorchScript model")
     zeros, total = _saved_zeros(reloaded)
 
     pt2_error = None
@@ -674,12 +631,12 @@ def _write_model(
         try:
             _save_exported(model, example, staged / "model.pt2")
             with torch.no_grad():
-                got2 = torch.export.load(str(staged / "model.pt2")).module()(verify_x).numpy()
-            check(compare([reference], [got2]), strict, "the saved torch.export model")
+                got2 = torch.export.load(str(staged / "model.pt2")).module()(torch.from_numpy(verify_x)).numpy()
+            check_reproduces(reference, got2, "the saved torch.export model")
         except StepFailed:
             raise
         except Exception as e:  # torch.export refuses some models (data-dependent shapes, batch specialisation)
-            pt2_error = _first_line(e)
+            pt2_error = first_line(e)
             log.warning("model.pt2 not written: %s", pt2_error)
             (staged / "model.pt2").unlink(missing_ok=True)
     shutil.copyfile(staged / "model.pt", ctx.outdir / "model.pt")
@@ -705,11 +662,6 @@ def _saved_zeros(saved: torch.jit.ScriptModule) -> tuple[int, int]:
             zeros += int((tensor == 0).sum())
             total += tensor.numel()
     return zeros, total
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 register(name="prune", spec=Spec, result=Result, run=run, stage="shrink", model_input="model", hands_on=HandOff("model.pt", "torchscript"))

@@ -29,7 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..catalog import HandOff, register
 from ..errors import InputError, SpecError, StepFailed, ToolError
 from ..sensitivity import Evaluation, LayerSensitivity
-from ..specs import DatasetRef, ModelRef, StepResult, StepSpec, TensorSpec, Tolerance
+from ..specs import (
+    DatasetRef, ModelRef, StepResult, StepSpec, TensorSpec, Tolerance, accuracy_drop_pp, exceeds_accuracy_budget,
+    max_accuracy_drop_field,
+)  # fmt: skip
 from .convert import WeightCompression
 
 # Measured on MNN 3.6.1 (see benchmarks/results/quantize.md): ADMM activation calibration
@@ -134,12 +137,8 @@ class Spec(StepSpec):
         description="Measure each quantizable layer alone in int8 and publish the table as sensitivity.md "
         "(one quantization + evaluation per layer).",
     )
-    max_accuracy_drop: float = Field(
-        0.5,
-        ge=0,
-        le=100,
-        description="Largest allowed top-1 accuracy drop vs the fp32 model, in PERCENTAGE POINTS on the "
-        "evaluation set (0.5: 97.5% -> at least 97.0%). Used when the evaluation set has labels.",
+    max_accuracy_drop: float = max_accuracy_drop_field(
+        0.5, "vs the fp32 model on the evaluation set", "Used when the evaluation set has labels."
     )
     fidelity: Tolerance = Field(
         Tolerance(max_abs_error=None, min_cosine=0.99, min_top1_agreement=0.95),
@@ -383,7 +382,7 @@ class _Evaluator:
             return Evaluation(cosine=fid.cosine, top1_agreement=agreement, fidelity=fid)
         acc = float((out.argmax(1) == self.y).mean())
         return Evaluation(
-            cosine=fid.cosine, accuracy=acc, accuracy_drop_pp=round((self.fp32_accuracy - acc) * 100, 6),
+            cosine=fid.cosine, accuracy=acc, accuracy_drop_pp=accuracy_drop_pp(self.fp32_accuracy, acc),
             top1_agreement=agreement, fidelity=fid,
         )
 
@@ -394,7 +393,7 @@ def _within(spec: Spec, ev: Evaluation) -> bool:
 
 def _budget_problems(spec: Spec, ev: Evaluation) -> list[str]:
     if ev.accuracy_drop_pp is not None:
-        if ev.accuracy_drop_pp > spec.max_accuracy_drop + 1e-9:
+        if exceeds_accuracy_budget(ev.accuracy_drop_pp, spec.max_accuracy_drop):
             return [f"accuracy drop {ev.accuracy_drop_pp:.2f} pp > max_accuracy_drop {spec.max_accuracy_drop} pp"]
         return []
     from ..verify import violations
@@ -479,6 +478,28 @@ class _Int8Quantizer:
         return self.runs[tuple(sorted(skip))][0]
 
 
+def _refuse_blocked(spec: Spec, fp32: Path) -> None:
+    """InputError for a model the quantizer is known to crash on with the spec's activation method;
+    checked before calibration data is written (the quantizer would only segfault)."""
+    from ..engines.mnn import quantizer_blockers
+
+    blockers = quantizer_blockers(fp32, spec.activation_method)
+    if blockers:
+        raise InputError(f"model: {spec.model.uri}: {'; '.join(blockers)}")
+
+
+def _quantizable_layers(spec: Spec, fp32: Path) -> list[tuple[str, str]]:
+    """The model's quantizable layers; InputError when `skip_layers` names others."""
+    from ..sensitivity import quantizable_layers
+
+    layers = quantizable_layers(str(fp32))
+    known = {n for n, _ in layers}
+    unknown = [s for s in spec.skip_layers if s not in known]
+    if unknown:
+        raise InputError(f"skip_layers: {unknown} are not quantizable layers of this model; it has {sorted(known)}")
+    return layers
+
+
 def _debug_cosines(quantizer: _Int8Quantizer, skip: list[str]) -> dict[str, float]:
     from ..engines.mnn import parse_debug_distances
 
@@ -490,28 +511,19 @@ def _full_int8(
     spec: Spec, ctx, fp32: Path, evaluator: _Evaluator
 ) -> tuple[Path, Evaluation, list[str], list[LayerSensitivity] | None, int, list[CalibrationAttempt]]:
     from ..calibration import write_calibration
-    from ..data import load_dataset
-    from ..engines.mnn import quantizer_blockers
-    from ..sensitivity import greedy_float_layers, measure, quantizable_layers
+    from ..sensitivity import greedy_float_layers, measure
 
     assert spec.calibration is not None  # the validator guarantees it
     name, shape = _model_input(fp32)
     ladder = spec.calibration_ladder == "auto"
-    blockers = quantizer_blockers(fp32, spec.activation_method)
-    if blockers and not ladder:  # before calibration data is written: the quantizer would only segfault
-        raise InputError(f"model: {spec.model.uri}: {'; '.join(blockers)}")
+    if not ladder:  # the ladder tries other activation methods: it checks each rung itself
+        _refuse_blocked(spec, fp32)
     ref = spec.calibration
-    data = load_dataset(ref, ctx.local(ref.uri) if ref.uri else None)
+    data = ctx.dataset(ref, "calibration")
     # the ladder's "more samples" rung reads up to 4x calibration_samples from the same folder
     limit = spec.calibration_samples * (_MORE_SAMPLES if ladder else 1)
     calib = write_calibration(data, ctx.scratch("calibration"), ref.preprocess, input_name=name, input_shape=shape, limit=limit)
-    layers = quantizable_layers(str(fp32))
-    known = {n for n, _ in layers}
-    unknown = [s for s in spec.skip_layers if s not in known]
-    if unknown:
-        raise InputError(
-            f"skip_layers: {unknown} are not quantizable layers of this model; it has {sorted(known)}"
-        )
+    layers = _quantizable_layers(spec, fp32)
     skip = list(spec.skip_layers)
     tried: list[CalibrationAttempt] = []
     if ladder:
@@ -629,8 +641,6 @@ def _calibration_ladder(
 
 
 def run(spec: Spec, ctx) -> Result:
-    from ..data import load_dataset
-    from ..engines.mnn import op_types
     from ..sensitivity import to_markdown
 
     if spec.model.format == "mnn":  # before this process reads it: a corrupt .mnn can hang or crash MNN
@@ -648,9 +658,8 @@ def run(spec: Spec, ctx) -> Result:
         msg = str(exc)
         msg = msg.replace(str(fp32), spec.model.uri) if str(fp32) in msg else f"{spec.model.uri}: {msg}"
         raise InputError(f"model: {msg}") from None
-    ev_ref = spec.evaluation
-    assert ev_ref is not None  # the validator requires it without `inputs`
-    ev_data = load_dataset(ev_ref, ctx.local(ev_ref.uri) if ev_ref.uri else None)
+    assert spec.evaluation is not None  # the validator requires it without `inputs`
+    ev_data = ctx.dataset(spec.evaluation, "evaluation")
     from ..calibration import check_matches_input
 
     check_matches_input(ev_data, shape, name, "evaluation")
@@ -670,25 +679,13 @@ def run(spec: Spec, ctx) -> Result:
     finally:  # the evaluation server's child holds MNN: never leave it behind
         evaluator.close()
 
-    problems = _budget_problems(spec, ev)
-    if problems:
-        raise StepFailed(f"{spec.mode} model misses the budget: {_miss(spec, ev)}; nothing published")
-
-    ops = op_types(candidate, timeout_s=spec.timeout_s)
-    if spec.mode in ("full-int8", "qat") and not any(k.endswith("[int8]") for k in ops):
-        raise StepFailed(f"the quantizer produced no int8 layers (op types {ops}); nothing published")
-    fp32_size, size = fp32.stat().st_size, candidate.stat().st_size
-    warnings = _size_warnings(spec, fp32_size, size)
-    shutil.copyfile(candidate, ctx.outdir / "model.mnn")
-    if table is not None:
-        (ctx.outdir / "sensitivity.md").write_text(to_markdown(table, skip))
     fp32_ev = Evaluation(
         cosine=1.0,
         accuracy=evaluator.fp32_accuracy,
         accuracy_drop_pp=None if evaluator.fp32_accuracy is None else 0.0,
         top1_agreement=1.0 if ev.top1_agreement is not None else None,
     )
-    metrics = {"size_ratio": size / fp32_size, "cosine": ev.cosine, "float_layers": float(len(skip))}
+    metrics: dict[str, float] = {}
     for i, a in enumerate(tried):
         metrics[f"calibration_attempt_{i}_passed"] = float(a.outcome == "passed")
         metrics[f"calibration_attempt_{i}_seconds"] = a.seconds
@@ -699,6 +696,32 @@ def run(spec: Spec, ctx) -> Result:
             metrics[field] = getattr(ev.fidelity, field)
     if ev.accuracy is not None:
         metrics.update(accuracy=ev.accuracy, fp32_accuracy=float(evaluator.fp32_accuracy), accuracy_drop_pp=float(ev.accuracy_drop_pp))
+    result = _publish(
+        spec, ctx, fp32, candidate, ev, skip, fp32_ev=fp32_ev, metrics=metrics, sensitivity=table, attempts=attempts,
+        calibration_attempts=tried,
+    )  # fmt: skip
+    if table is not None:
+        (ctx.outdir / "sensitivity.md").write_text(to_markdown(table, skip))
+    return result
+
+
+def _publish(
+    spec: Spec, ctx, fp32: Path, candidate: Path, ev: Evaluation, skip: list[str], *, where: str = "", fp32_ev: Evaluation,
+    metrics: dict[str, float] | None = None, **result: object,
+) -> Result:
+    """The end of every mode: refuse a candidate that misses the budget (`where` says on what it
+    was measured), has no int8 layer in an int8 mode or is over max_size_ratio; else copy it to
+    model.mnn and describe it. `metrics` and `result` add to the common metrics and Result fields."""
+    from ..engines.mnn import op_types
+
+    if _budget_problems(spec, ev):
+        raise StepFailed(f"{spec.mode} model misses the budget: {_miss(spec, ev)}{where}; nothing published")
+    ops = op_types(candidate, timeout_s=spec.timeout_s)
+    if spec.mode in ("full-int8", "qat") and not any(k.endswith("[int8]") for k in ops):
+        raise StepFailed(f"the quantizer produced no int8 layers (op types {ops}); nothing published")
+    fp32_size, size = fp32.stat().st_size, candidate.stat().st_size
+    warnings = _size_warnings(spec, fp32_size, size)
+    shutil.copyfile(candidate, ctx.outdir / "model.mnn")
     return Result(
         mode=spec.mode,
         fp32_size_bytes=fp32_size,
@@ -708,20 +731,18 @@ def run(spec: Spec, ctx) -> Result:
         float_layers=skip,
         fp32=fp32_ev,
         quantized=ev,
-        sensitivity=table,
-        attempts=attempts,
         warnings=warnings,
-        calibration_attempts=tried,
-        metrics=metrics,
+        metrics={"size_ratio": size / fp32_size, "cosine": ev.cosine, "float_layers": float(len(skip)), **(metrics or {})},
+        **result,
     )
 
 
 def _multi_input(spec: Spec, ctx, fp32: Path, inputs: list[TensorSpec]) -> Result:
     """A model checked on seeded random inputs (every input): several inputs in any mode, or a
     weight-only / fp16 model without an evaluation set."""
-    from ..engines.mnn import load_session, op_types
+    from ..engines.mnn import load_session
+    from ..stepkit import random_inputs
     from ..verify import compare
-    from .convert import random_inputs
 
     names = [t.name for t in inputs]
     skip: list[str] = []
@@ -745,27 +766,7 @@ def _multi_input(spec: Spec, ctx, fp32: Path, inputs: list[TensorSpec]) -> Resul
     kind = spec.fidelity.output_kind if "output_kind" in spec.fidelity.model_fields_set else "other"
     fid = compare(outputs(fp32), outputs(candidate), kind)
     ev = Evaluation(cosine=fid.cosine, top1_agreement=fid.top1_agreement, fidelity=fid)
-    problems = _budget_problems(spec, ev)
-    if problems:
-        raise StepFailed(f"{spec.mode} model misses the budget: {_miss(spec, ev)}, on seeded random inputs; nothing published")
-    ops = op_types(candidate, timeout_s=spec.timeout_s)
-    if spec.mode == "full-int8" and not any(k.endswith("[int8]") for k in ops):
-        raise StepFailed(f"the quantizer produced no int8 layers (op types {ops}); nothing published")
-    fp32_size, size = fp32.stat().st_size, candidate.stat().st_size
-    warnings = _size_warnings(spec, fp32_size, size)
-    shutil.copyfile(candidate, ctx.outdir / "model.mnn")
-    return Result(
-        mode=spec.mode,
-        fp32_size_bytes=fp32_size,
-        size_bytes=size,
-        size_ratio=round(size / fp32_size, 6),
-        op_types=ops,
-        float_layers=skip,
-        fp32=Evaluation(cosine=1.0),
-        quantized=ev,
-        warnings=warnings,
-        metrics={"size_ratio": size / fp32_size, "cosine": ev.cosine, "float_layers": float(len(skip))},
-    )
+    return _publish(spec, ctx, fp32, candidate, ev, skip, where=", on seeded random inputs", fp32_ev=Evaluation(cosine=1.0))
 
 
 def _multi_input_int8(spec: Spec, ctx, fp32: Path) -> tuple[Path, list[str]]:
@@ -773,25 +774,18 @@ def _multi_input_int8(spec: Spec, ctx, fp32: Path) -> tuple[Path, list[str]]:
     layout), from the calibration npz or seeded random inputs within each input's range."""
     from ..calibration import write_multi_input_calibration
     from ..data import load_named_samples
-    from ..engines.mnn import quantizer_blockers
-    from ..sensitivity import quantizable_layers
-    from .convert import random_inputs
+    from ..stepkit import random_inputs
 
     assert spec.inputs is not None
     inputs = list(spec.inputs)
-    blockers = quantizer_blockers(fp32, spec.activation_method)
-    if blockers:  # before calibration data is written: the quantizer would only segfault
-        raise InputError(f"model: {spec.model.uri}: {'; '.join(blockers)}")
+    _refuse_blocked(spec, fp32)
     ref = spec.calibration
     if ref is None:  # another seed than the check's: the model is not checked on its calibration data
         samples = random_inputs(inputs, spec.calibration_samples, spec.seed + 1)
     else:
-        samples = load_named_samples(ref, ctx.local(ref.uri) if ref.uri else None, inputs)[: spec.calibration_samples]
+        samples = load_named_samples(ref, ctx.dataset_path(ref), inputs)[: spec.calibration_samples]
     calib = write_multi_input_calibration(samples, inputs, ctx.scratch("calibration"))
-    known = {n for n, _ in quantizable_layers(str(fp32))}
-    unknown = [s for s in spec.skip_layers if s not in known]
-    if unknown:
-        raise InputError(f"skip_layers: {unknown} are not quantizable layers of this model; it has {sorted(known)}")
+    _quantizable_layers(spec, fp32)
     quantizer = _Int8Quantizer(spec, fp32, calib.config, ctx.scratch("int8"), evaluator=None)
     path, _ = quantizer.quantize(list(spec.skip_layers))
     return path, list(spec.skip_layers)
@@ -800,15 +794,12 @@ def _multi_input_int8(spec: Spec, ctx, fp32: Path) -> tuple[Path, list[str]]:
 def _qat(spec: Spec, ctx, name: str, shape: tuple[int, ...]) -> tuple[Path, list[str]]:
     """Quantization-aware fine-tune on the labelled calibration set, converted with its int8 scales."""
     from ..calibration import check_matches_input
-    from ..data import load_dataset
-    from ..modelio import load_torch
     from ..qat import quantize_aware
 
     assert spec.calibration is not None  # the validator guarantees it
-    ref = spec.calibration
-    train = load_dataset(ref, ctx.local(ref.uri) if ref.uri else None)
+    train = ctx.dataset(spec.calibration, "calibration")
     check_matches_input(train, shape, name, "calibration")
-    model = load_torch(spec.model, ctx.local(spec.model.uri))
+    model = ctx.torch_model(spec.model)
     return quantize_aware(
         model, train, name, shape, ctx.scratch("qat"), epochs=spec.qat_epochs, lr=spec.qat_lr, seed=spec.seed, timeout_s=spec.timeout_s
     )

@@ -125,6 +125,147 @@ def test_every_dag_imports_without_errors(dagbag) -> None:
     assert {t.execution for t in nightly.tasks if hasattr(t, "execution")} == {"in_process"}
 
 
+# ------------------------------------------------------------------ rendered from the recipe
+
+
+def _parse_dag(name: str):
+    """A fresh parse of dags/<name>.py (module globals included): what the DAG processor gets
+    from the recipe as it is now."""
+    import runpy
+
+    return runpy.run_path(str(DAGS / f"{name}.py"), run_name=f"parsed_{name}")
+
+
+def _pull(task_id: str, what: str) -> str:
+    return "{{ ti.xcom_pull(task_ids='%s', map_indexes=ti.map_index)%s }}" % (task_id, what)
+
+
+def assert_rendered_from(parsed: dict, recipe: dict, *, group: str, templates: dict[str, str], output: str, source_uri: str) -> None:
+    """The DAG's step tasks are the recipe's plan, in its order, with its specs: each spec is the
+    planned spec with every wire pulling the right model (the source, or the hand-off of the step
+    the plan names), `templates` written over it, and `{output}/{step}` as output; the release
+    task judges the plan's candidate with the plan's release spec and digest."""
+    import copy
+
+    from mnnpipe import catalog
+    from mnnpipe.recipe import SOURCE, plan
+
+    dag = parsed["dag"]
+    recipe_plan = plan(recipe)
+    prefix = f"{group}." if group else ""
+    step_tasks = [t for t in dag.topological_sort() if hasattr(t, "spec")]
+    assert [t.task_id for t in step_tasks] == [prefix + p.step for p in recipe_plan.steps]
+    for task, planned in zip(step_tasks, recipe_plan.steps):
+        spec = copy.deepcopy(task.spec)
+        assert spec.pop("kind", planned.step) == planned.step  # the operator names its step
+        assert spec.pop("output") == f"{output}/{planned.step}", task.task_id
+        for wire in planned.wires:
+            node = spec
+            for part in wire.path:
+                node = node[part]
+            expected = source_uri if wire.source == SOURCE else _pull(prefix + wire.source, "['artifacts']['%s']['uri']" % catalog.get(wire.source).hands_on.artifact)
+            assert node.pop("uri") == expected, (task.task_id, wire)
+        for dotted, template in templates.items():
+            step, *path = dotted.split(".")
+            if step != planned.step:
+                continue
+            node = spec
+            for part in path[:-1]:
+                node = node[part]
+            assert node[path[-1]] == template
+            value = planned.spec
+            for part in path:
+                value = value[part]
+            node[path[-1]] = value
+        assert spec == planned.spec, task.task_id
+    for upstream, downstream in zip(step_tasks, step_tasks[1:]):
+        assert upstream.task_id in downstream.upstream_task_ids
+    release = dag.get_task(prefix + "release")
+    assert release.op_kwargs["planned"] == {
+        "step": "gate", "spec": recipe_plan.release.spec, "candidate_from": recipe_plan.release.candidate_from,
+        "metrics_from": recipe_plan.release.metrics_from, "reference_from": recipe_plan.release.reference_from,
+    }  # fmt: skip
+    assert release.op_kwargs["digest"] == recipe_plan.digest == parsed["PLAN"].digest
+    judged = {recipe_plan.release.candidate_from, recipe_plan.release.metrics_from, recipe_plan.release.reference_from} - {None}
+    assert {prefix + s for s in judged} <= release.upstream_task_ids
+
+
+NIGHTLY_TEMPLATES = {"distill.training.epochs": "{{ params.distill_epochs }}", "prune.finetune.epochs": "{{ params.finetune_epochs }}"}
+
+
+def test_the_nightly_dag_is_the_default_recipe_rendered(monkeypatch) -> None:
+    """Every task of the nightly DAG comes from DEFAULT_RECIPE (its source read as TorchScript, as
+    the registry holds it): change a section, and the DAG's spec changes with it."""
+    from mnnpipe import default_recipe
+    from mnnpipe.recipe import SOURCE_LABEL
+
+    parsed = _parse_dag("mnn_nightly_compression")
+    recipe = {**default_recipe.DEFAULT_RECIPE, "model": {"format": "torchscript"}}
+    kwargs = dict(group="", templates=NIGHTLY_TEMPLATES, output=parsed["ARTIFACTS"], source_uri=_pull("latest_model", "['model_uri']"))
+    assert_rendered_from(parsed, recipe, **kwargs)
+    assert parsed["dag"].params["distill_epochs"] == 20 and parsed["dag"].params["finetune_epochs"] == 8  # the recipe's values
+    assert parsed["dag"].get_task("distill").spec["teacher"]["format"] == "torchscript"
+
+    # a changed recipe: other parameters, another budget, the benchmark beside the source only
+    monkeypatch.setitem(default_recipe.DEFAULT_RECIPE, "distill", {**default_recipe.DEFAULT_RECIPE["distill"], "temperature": 2.5, "training": {"epochs": 3}})
+    monkeypatch.setitem(default_recipe.DEFAULT_RECIPE, "quantize", {**default_recipe.DEFAULT_RECIPE["quantize"], "calibration_samples": 77})
+    monkeypatch.setitem(default_recipe.DEFAULT_RECIPE, "compare", "source")
+    benchmark = {k: v for k, v in default_recipe.DEFAULT_RECIPE["benchmark"].items() if k != "reference"}
+    monkeypatch.setitem(default_recipe.DEFAULT_RECIPE, "benchmark", {**benchmark, "iterations": 7})
+    monkeypatch.setitem(default_recipe.DEFAULT_RECIPE, "gate", {**default_recipe.DEFAULT_RECIPE["gate"], "max_drop": 2.5})
+    changed = _parse_dag("mnn_nightly_compression")
+
+    assert_rendered_from(changed, {**default_recipe.DEFAULT_RECIPE, "model": {"format": "torchscript"}}, **kwargs)
+    dag = changed["dag"]
+    assert dag.get_task("distill").spec["temperature"] == 2.5
+    assert dag.params["distill_epochs"] == 3
+    assert dag.get_task("quantize").spec["calibration_samples"] == 77
+    assert dag.get_task("benchmark").spec["iterations"] == 7
+    assert [m["label"] for m in dag.get_task("benchmark").spec["models"]] == [SOURCE_LABEL, "candidate"]
+    assert dag.get_task("benchmark").spec["reference"] == SOURCE_LABEL  # the plan's default
+    assert dag.get_task("release").op_kwargs["planned"]["spec"]["max_drop"] == 2.5
+    assert dag.get_task("release").op_kwargs["digest"] != parsed["PLAN"].digest
+
+
+def test_the_recompress_dag_is_the_compress_recipe_rendered(monkeypatch) -> None:
+    """Each mapped `compress` instance is COMPRESS_RECIPE (DEFAULT_RECIPE's steps after training),
+    wired inside the group; a step added to the recipe is a task in the group, in the plan's order."""
+    from mnnpipe import default_recipe
+
+    parsed = _parse_dag("mnn_recompress_on_new_model")
+    kwargs = dict(group="compress", templates={}, output=f"{parsed['ARTIFACTS']}/{parsed['VERSION']}", source_uri=_pull("compress.version", "['model_uri']"))
+    assert_rendered_from(parsed, {**default_recipe.COMPRESS_RECIPE, "model": {"format": "torchscript"}}, **kwargs)
+    for step in ("convert", "quantize", "benchmark", "gate"):  # the default recipe's own sections
+        assert default_recipe.COMPRESS_RECIPE[step] == default_recipe.DEFAULT_RECIPE[step]
+    # the processed marker is this plan's release
+    assert parsed["PLAN"].digest == parsed["dag"].get_task("compress.release").op_kwargs["digest"]
+
+    # prune the model before converting it: a new task between the version and convert
+    monkeypatch.setitem(default_recipe.COMPRESS_RECIPE, "prune", default_recipe.DEFAULT_RECIPE["prune"])
+    monkeypatch.setitem(default_recipe.COMPRESS_RECIPE, "quantize", {**default_recipe.COMPRESS_RECIPE["quantize"], "calibration_samples": 50})
+    changed = _parse_dag("mnn_recompress_on_new_model")
+
+    assert_rendered_from(changed, {**default_recipe.COMPRESS_RECIPE, "model": {"format": "torchscript"}}, **kwargs)
+    dag = changed["dag"]
+    assert [t.task_id for t in dag.topological_sort()][2:6] == ["compress.prune", "compress.convert", "compress.quantize", "compress.benchmark"]
+    assert dag.get_task("compress.convert").spec["model"]["uri"] == _pull("compress.prune", "['artifacts']['model.pt']['uri']")
+    assert dag.get_task("compress.quantize").spec["calibration_samples"] == 50
+    assert [m["label"] for m in dag.get_task("compress.benchmark").spec["models"]] == ["source", "prune", "convert", "candidate"]
+
+
+def test_a_template_for_a_step_the_recipe_lacks_is_refused() -> None:
+    from mnnpipe.airflow.pipelines import recipe_specs
+    from mnnpipe.default_recipe import COMPRESS_RECIPE
+    from mnnpipe.errors import SpecError
+    from mnnpipe.recipe import plan
+
+    with pytest.raises(SpecError, match="template 'distill.training.epochs'"):
+        recipe_specs(plan(COMPRESS_RECIPE), model_uri="s3://b/m.pt", output="s3://b/out", templates={"distill.training.epochs": "{{ params.e }}"})
+    specs = recipe_specs(plan(COMPRESS_RECIPE), model_uri="s3://b/m.pt", output="s3://b/out", templates={"quantize.calibration.limit": "{{ params.n }}"})
+    assert specs["quantize"]["calibration"]["limit"] == "{{ params.n }}"
+    assert specs["convert"]["model"] == {"format": "state-dict", "factory": "mnnpipe.models:digits_cnn", "uri": "s3://b/m.pt"}
+
+
 # ------------------------------------------------------------------ end to end
 
 
@@ -140,7 +281,7 @@ def test_recompress_sweep_compresses_every_unprocessed_version(dagbag, s3_server
     from mnnpipe.release import read_latest
     from mnnpipe import catalog
 
-    DIGEST = dagbag.get_dag("mnn_recompress_on_new_model").get_task("compress.release").op_args[-1]["recipe_digest"]
+    DIGEST = dagbag.get_dag("mnn_recompress_on_new_model").get_task("compress.release").op_kwargs["digest"]
 
     _publish_version(s3_server, s3_bucket, "v1", digits_model)
     _publish_version(s3_server, s3_bucket, "v2", digits_model)
@@ -212,6 +353,11 @@ def test_nightly_compression_distils_prunes_and_compresses_the_latest_version(da
     convert = catalog.get("convert").result.model_validate(results["convert"])
     assert convert.source_format == "torchscript"
     assert convert.artifacts["model.mnn"].uri.endswith(f"/nightly/{run_segment}/convert/model.mnn")
+    benchmarked = catalog.get("benchmark").result.model_validate(results["benchmark"])
+    assert [m.label for m in benchmarked.models] == ["source", "distill", "prune", "convert", "candidate"]  # compare: every-step
+    digest = dagbag.get_dag("mnn_nightly_compression").get_task("release").op_kwargs["digest"]
+    assert results["release"]["released"] == f"s3://{s3_bucket}/from-variable/released/models/20260102T000000/{digest}"
+    assert _exists(s3_server, s3_bucket, f"from-variable/released/models/20260102T000000/{digest}/manifest.json")
 
 
 def test_training_handoff_publishes_a_version_and_queues_recompression(dagbag, s3_server, s3_bucket, cache_dir) -> None:

@@ -1,7 +1,10 @@
 """Faults, kills, concurrent runs, egress and secrets: what a reader sees is always complete.
 
 Real parts only: the S3 server is stopped and restarted, steps run as `mnnpipe` subprocesses and
-are killed with SIGKILL, MNN's converter and quantizer are traced with strace.
+are killed with SIGKILL, MNN's converter and quantizer are traced with strace. Where the runner and
+the store are the subject (publishing, killing, secrets), the step is the fake `echo` step
+(tests/support/echo_step.py; fixture `echo_step`): milliseconds of work, and `padding_bytes`
+makes a second artifact to publish after echo.mnn, a window to stop a run in.
 """
 
 from __future__ import annotations
@@ -19,10 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from mnnpipe.errors import StoreError
-from mnnpipe.models import digits_cnn
 from mnnpipe.runner import run_step
 from mnnpipe.store import MANIFEST, fetch, sha256_file, store_for
 
@@ -32,6 +33,10 @@ MNNPIPE = [sys.executable, "-m", "mnnpipe.cli"]
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
+    import torch
+
+    from mnnpipe.models import digits_cnn
+
     path = tmp_path_factory.mktemp("model") / "model.pt"
     torch.manual_seed(0)
     torch.jit.trace(digits_cnn(width=0.5).eval(), torch.rand(1, 1, 8, 8)).save(str(path))
@@ -40,6 +45,18 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def convert_spec(model_uri: str, output: str) -> dict:
     return {"kind": "convert", "output": output, "model": {"uri": model_uri}, "inputs": [{"name": "input", "shape": [1, 1, 8, 8]}]}
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """The echo step's input: any bytes (it copies them)."""
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    path.write_bytes(os.urandom(4096))
+    return path
+
+
+def echo_spec(model_uri: str, output: str, **extra) -> dict:
+    return {"kind": "echo", "output": output, "model": {"uri": model_uri}, **extra}
 
 
 def assert_complete_or_absent(output: str) -> bool:
@@ -86,26 +103,27 @@ def test_server_stopped_mid_download_then_rerun_completes(s3_server, s3_bucket, 
     assert got.stat().st_size == len(payload)
 
 
-def test_server_stopped_mid_publish_leaves_no_manifest_and_rerun_completes(s3_server, s3_bucket, tiny_model, cache_dir):
+def test_server_stopped_mid_publish_leaves_no_manifest_and_rerun_completes(echo_step, s3_server, s3_bucket, model_file, cache_dir):
     client = s3_server.client()
-    output = f"s3://{s3_bucket}/runs/convert"
+    output = f"s3://{s3_bucket}/runs/echo"
+    spec = echo_spec(str(model_file), output, padding_bytes=64 << 20)  # pad.bin is published after echo.mnn
 
     def first_artifact_uploaded() -> bool:
         try:
-            keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/convert/").get("Contents", [])]
+            keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/echo/").get("Contents", [])]
         except Exception:
             return True
-        return any(k.endswith((".onnx", ".mnn")) for k in keys)
+        return any(k.endswith(".mnn") for k in keys)
 
     watcher = _stop_when(s3_server, first_artifact_uploaded, timeout=120)
     try:
         with pytest.raises(StoreError):
-            run_step("convert", convert_spec(str(tiny_model), output))
+            run_step("echo", spec)
         watcher.join()
     finally:
         s3_server.restart()
     assert assert_complete_or_absent(output) is False
-    result = run_step("convert", convert_spec(str(tiny_model), output))
+    result = run_step("echo", spec)
     assert not result.cached
     assert assert_complete_or_absent(output) is True
 
@@ -143,22 +161,22 @@ def test_multipart_upload_cut_off_by_a_stopped_server_leaves_no_orphan_after_the
 # --------------------------------------------------------------------------- SIGKILL
 
 
-def test_sigkill_mid_publish_leaves_nothing_that_looks_finished_and_rerun_finishes(tiny_model, tmp_path, cache_dir):
+def test_sigkill_mid_publish_leaves_nothing_that_looks_finished_and_rerun_finishes(echo_step, model_file, tmp_path, cache_dir):
     out = tmp_path / "out"
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(convert_spec(str(tiny_model), str(out))))
+    spec.write_text(json.dumps(echo_spec(str(model_file), str(out), padding_bytes=128 << 20)))  # pad.bin after echo.mnn
     env = {**os.environ, "MNNPIPE_CACHE_URI": str(cache_dir)}
-    proc = subprocess.Popen([*MNNPIPE, "-q", "run", "convert", "--spec", str(spec)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*MNNPIPE, "-q", "run", "echo", "--spec", str(spec)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "model.onnx").exists() or (out / "model.mnn").exists():
+        if (out / "echo.mnn").exists():
             break  # publishing has begun: the data objects come before the manifest
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert assert_complete_or_absent(str(out)) is False
-    rerun = subprocess.run([*MNNPIPE, "-q", "run", "convert", "--spec", str(spec)], env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([*MNNPIPE, "-q", "run", "echo", "--spec", str(spec)], env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert assert_complete_or_absent(str(out)) is True
     assert not (out / ".mnnpipe.lock").exists()
@@ -278,23 +296,23 @@ def _quantize_spec(model_uri: str, output: str) -> dict:
 # --------------------------------------------------------------------------- secrets
 
 
-def test_sentinel_secret_never_leaks(s3_server, s3_bucket, tiny_model, tmp_path, cache_dir):
+def test_sentinel_secret_never_leaks(echo_step, s3_server, s3_bucket, model_file, tmp_path, cache_dir):
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert "sentinel" in secret  # conftest sets a recognisable sentinel
-    store_for(f"s3://{s3_bucket}/m").put(tiny_model, f"s3://{s3_bucket}/models/model.pt")
+    store_for(f"s3://{s3_bucket}/m").put(model_file, f"s3://{s3_bucket}/models/model.pt")
     env = {**os.environ, "MNNPIPE_S3_ENDPOINT_URL": s3_server.endpoint, "MNNPIPE_CACHE_URI": str(cache_dir)}
     ok_spec = tmp_path / "ok.json"
-    ok_spec.write_text(json.dumps(convert_spec(f"s3://{s3_bucket}/models/model.pt", f"s3://{s3_bucket}/out/c")))
+    ok_spec.write_text(json.dumps(echo_spec(f"s3://{s3_bucket}/models/model.pt", f"s3://{s3_bucket}/out/c")))
     bad_spec = tmp_path / "bad.json"
-    bad_spec.write_text(json.dumps(convert_spec(f"s3://{s3_bucket}/models/absent.pt", f"s3://{s3_bucket}/out/d")))
+    bad_spec.write_text(json.dumps(echo_spec(f"s3://{s3_bucket}/models/absent.pt", f"s3://{s3_bucket}/out/d")))
     texts = []
     for spec in (ok_spec, bad_spec):
         for fmt in ("text", "json"):
-            proc = subprocess.run([*MNNPIPE, "--log-format", fmt, "run", "convert", "--spec", str(spec), "--result", str(tmp_path / "r.json")],
+            proc = subprocess.run([*MNNPIPE, "--log-format", fmt, "run", "echo", "--spec", str(spec), "--result", str(tmp_path / "r.json")],
                                   env=env, capture_output=True, text=True, timeout=300)
             texts += [proc.stdout, proc.stderr]
     # an unreachable endpoint: the error message names the endpoint, never the credentials
-    down = subprocess.run([*MNNPIPE, "run", "convert", "--spec", str(ok_spec), "--no-cache"],
+    down = subprocess.run([*MNNPIPE, "run", "echo", "--spec", str(ok_spec), "--no-cache"],
                           env={**env, "MNNPIPE_S3_ENDPOINT_URL": "http://127.0.0.1:9", "MNNPIPE_S3_MAX_ATTEMPTS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert down.returncode == 3

@@ -2,58 +2,43 @@
 missing; a corrupt manifest vouches for nothing; every spelling of a local path is checked; the
 cache index after the commit point is best-effort. Against the local store, moto and SeaweedFS.
 
-The step is a cheap fake (a spec with one model input, one artifact): `publish` and `_cached`
-are the mechanism under test, and a real conversion would only add time."""
+The step is the fake `echo` step (tests/support/echo_step.py, fixture `echo_step`: one model
+input, one artifact, milliseconds) run by the real runner: `publish` and `_cached` are the
+mechanism under test, and a real conversion would only add time."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Literal
 
 import pytest
 
 from mnnpipe.errors import InputError, IntegrityError
-from mnnpipe.runner import _cached, cache_key, publish
-from mnnpipe.specs import ModelRef, StepResult, StepSpec
+from mnnpipe.runner import run_step
+from mnnpipe.specs import StepResult
 from mnnpipe.store import MANIFEST, RESULT, fetch, join, local_path, store_for
 
 pytestmark = pytest.mark.integration
 
 
-class FakeSpec(StepSpec):
-    kind: Literal["fake"] = "fake"
-    model: ModelRef
-
-
-class FakeResult(StepResult):
-    kind: str = "fake"
-
-
 @pytest.fixture(params=["local", "moto", "seaweedfs"])
-def root(request, s3_bucket_on, tmp_path, cache_dir):
+def root(request, echo_step, s3_bucket_on, tmp_path, cache_dir):
     if request.param == "local":
         return str(tmp_path / "store")
     return f"s3://{s3_bucket_on(request.param)[1]}"
 
 
-def run_fake(root: str, output: str, tmp_path: Path, payload: bytes = b"mnn model bytes") -> tuple[FakeSpec, str, FakeResult]:
-    """What run_step does for a step whose work is writing `payload` to model.mnn."""
+def run_fake(root: str, output: str, tmp_path: Path, payload: bytes = b"mnn model bytes") -> tuple[dict, str, StepResult]:
+    """run_step of the echo step, whose work is writing its model's bytes (`payload`) to echo.mnn."""
     model_uri = join(root, "registry", "m.onnx")
-    spec = FakeSpec(output=output, model={"uri": model_uri})
-    digests = {model_uri: "d" * 64}
-    key = cache_key("fake", spec, digests)
-    hit = _cached("fake", spec, key, FakeResult)
-    if hit is not None:
-        return spec, key, hit
-    outdir = tmp_path / f"out-{os.urandom(4).hex()}"
-    outdir.mkdir()
-    (outdir / "model.mnn").write_bytes(payload)
-    return spec, key, publish("fake", spec, FakeResult(metrics={"x": 1.0}), outdir, digests, key, "t0")
+    if not store_for(model_uri).exists(model_uri):
+        raw_write(model_uri, payload)
+    spec = {"output": output, "model": {"uri": model_uri}}
+    result = run_step("echo", spec)
+    return spec, result.cache_key, result
 
 
 def raw_read(uri: str) -> bytes:
@@ -68,7 +53,7 @@ def test_flipped_byte_in_a_published_artifact_is_not_served_from_cache(root, tmp
     output = join(root, "runs", "a")
     _, _, first = run_fake(root, output, tmp_path)
     assert not first.cached
-    mnn = join(output, "model.mnn")
+    mnn = join(output, "echo.mnn")
     data = bytearray(raw_read(mnn))
     data[3] ^= 0x01
     raw_write(mnn, bytes(data))
@@ -76,7 +61,7 @@ def test_flipped_byte_in_a_published_artifact_is_not_served_from_cache(root, tmp
     assert not again.cached  # a miss: the step ran and republished
     assert raw_read(mnn) == b"mnn model bytes"
     manifest = json.loads(raw_read(join(output, MANIFEST)))
-    assert manifest["artifacts"]["model.mnn"]["size"] == len(b"mnn model bytes")
+    assert manifest["artifacts"]["echo.mnn"]["size"] == len(b"mnn model bytes")
 
 
 def test_deleted_result_json_is_restored_on_a_cache_hit(root, tmp_path):
@@ -93,30 +78,30 @@ def test_same_work_under_a_new_prefix_copies_verified_bytes(root, tmp_path):
     run_fake(root, join(root, "runs", "2026-11-29"), tmp_path)
     _, _, today = run_fake(root, join(root, "runs", "2026-11-30"), tmp_path)
     assert today.cached
-    assert raw_read(join(root, "runs", "2026-11-30", "model.mnn")) == b"mnn model bytes"
+    assert raw_read(join(root, "runs", "2026-11-30", "echo.mnn")) == b"mnn model bytes"
     manifest = json.loads(raw_read(join(root, "runs", "2026-11-30", MANIFEST)))
     assert manifest["cached_from"] == join(root, "runs", "2026-11-29")
 
 
 def test_tampered_earlier_output_is_recomputed_not_copied(root, tmp_path):
     run_fake(root, join(root, "runs", "old"), tmp_path)
-    raw_write(join(root, "runs", "old", "model.mnn"), b"EVL model bytes")
+    raw_write(join(root, "runs", "old", "echo.mnn"), b"EVL model bytes")
     _, _, fresh = run_fake(root, join(root, "runs", "new"), tmp_path)
     assert not fresh.cached
-    assert raw_read(join(root, "runs", "new", "model.mnn")) == b"mnn model bytes"
+    assert raw_read(join(root, "runs", "new", "echo.mnn")) == b"mnn model bytes"
 
 
 def test_corrupt_manifest_means_not_published(root, tmp_path):
     output = join(root, "runs", "c")
     run_fake(root, output, tmp_path)
-    raw_write(join(output, "model.mnn"), b"EVL model bytes")
+    raw_write(join(output, "echo.mnn"), b"EVL model bytes")
     manifest = raw_read(join(output, MANIFEST))
     raw_write(join(output, MANIFEST), manifest[: len(manifest) // 2])  # truncated
     with pytest.raises(IntegrityError, match="manifest is unreadable"):
-        fetch(join(output, "model.mnn"), tmp_path / "dl")
+        fetch(join(output, "echo.mnn"), tmp_path / "dl")
     _, _, again = run_fake(root, output, tmp_path)
     assert not again.cached  # never served from a manifest that cannot be read
-    assert raw_read(join(output, "model.mnn")) == b"mnn model bytes"
+    assert raw_read(join(output, "echo.mnn")) == b"mnn model bytes"
 
 
 def test_cache_index_failure_after_the_manifest_is_a_warning(root, tmp_path, monkeypatch, caplog):
@@ -127,7 +112,7 @@ def test_cache_index_failure_after_the_manifest_is_a_warning(root, tmp_path, mon
     with caplog.at_level(logging.WARNING, logger="mnnpipe"):
         _, _, result = run_fake(root, output, tmp_path)
     assert result.output == output.rstrip("/")
-    assert json.loads(raw_read(join(output, MANIFEST)))["artifacts"]["model.mnn"]["size"] > 0
+    assert json.loads(raw_read(join(output, MANIFEST)))["artifacts"]["echo.mnn"]["size"] > 0
     assert any("cache index" in r.getMessage() for r in caplog.records)
 
 
@@ -135,10 +120,10 @@ def test_cache_index_failure_after_the_manifest_is_a_warning(root, tmp_path, mon
 
 
 @pytest.fixture
-def published(tmp_path, cache_dir) -> Path:
+def published(echo_step, tmp_path, cache_dir) -> Path:
     out = tmp_path / "pub"
     run_fake(str(tmp_path / "store"), str(out), tmp_path)
-    (out / "model.mnn").write_bytes(b"EVL model bytes")  # same size, other bytes
+    (out / "echo.mnn").write_bytes(b"EVL model bytes")  # same size, other bytes
     return out
 
 
@@ -148,13 +133,13 @@ def published(tmp_path, cache_dir) -> Path:
 ], ids=["plain", "file", "file-localhost", "double-slash", "dot-segment", "inner-double-slash"])
 def test_every_spelling_of_a_local_artifact_is_verified(published, spell, tmp_path):
     with pytest.raises(IntegrityError, match="sha256"):
-        fetch(spell(published / "model.mnn"), tmp_path / "dl")
+        fetch(spell(published / "echo.mnn"), tmp_path / "dl")
 
 
 def test_relative_spelling_is_verified(published, tmp_path, monkeypatch):
     monkeypatch.chdir(published.parent)
     with pytest.raises(IntegrityError, match="sha256"):
-        fetch("pub/model.mnn", tmp_path / "dl")
+        fetch("pub/echo.mnn", tmp_path / "dl")
 
 
 def test_file_uri_with_a_host_is_not_a_relative_path(tmp_path, monkeypatch):

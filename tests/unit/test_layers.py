@@ -1,5 +1,5 @@
 """The package's layers and its freedom from import cycles, as declared in pyproject.toml
-([tool.importlinter]): cli > kfp | airflow > search | demo > local > recipe > steps > runner > context > store | catalog
+([tool.importlinter]): cli > kfp | airflow > demo > searching > local > recipe > steps > runner > context > store | catalog
 > specs | errors; steps never import the runner; no cycles."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mnnpipe.errors import SpecError
-from mnnpipe.search.spec import Range, apply_overrides, candidates, parse_search
+from mnnpipe.search.spec import Range, apply_overrides, candidates, describe_overrides, parse_search
 
 BASE = {
     "model": {"format": "torchscript"},
@@ -159,3 +159,22 @@ def test_paths_are_checked_by_the_recipe_hook_not_by_a_list_of_sections():
 def test_apply_overrides_sets_deep_paths_and_drops_null_sections():
     out = apply_overrides({"convert": {"a": 1}, "prune": None}, {"distill.student.width": 0.5, "convert.a": 2})
     assert out == {"convert": {"a": 2}, "distill": {"student": {"width": 0.5}}}
+
+
+def test_describe_overrides_reads_a_section_as_on_and_null_as_off():
+    section = {"mode": "full-int8", "calibration": {"format": "sklearn-digits", "split": "train"}, "calibration_samples": 200}
+    assert describe_overrides({"prune.target.ratio": 0.2, "quantize": section}) == "prune.target.ratio=0.2, quantize=on"
+    assert describe_overrides({"prune.target.ratio": 0.2, "quantize": None}) == "prune.target.ratio=0.2, quantize=off"
+    # scalars and lists stay JSON, so a string is told from a number
+    assert describe_overrides({"quantize.mode": "int8", "convert.fp16": True, "inputs.shape": [1, 3]}) == (
+        'quantize.mode="int8", convert.fp16=true, inputs.shape=[1, 3]'
+    )
+    assert describe_overrides({}) == "the base recipe"
+
+
+def test_validate_hook_error_names_a_section_override_briefly():
+    def validate(recipe):
+        raise SpecError("recipe.prune.method: bad")
+
+    with pytest.raises(SpecError, match=r"^space: candidate c00 \(prune=on\) is invalid: recipe\.prune\.method: bad$"):
+        candidates(spec({"prune": [{"method": "l9", "target": {"ratio": 0.5}}]}), validate=validate)

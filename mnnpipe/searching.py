@@ -1,0 +1,166 @@
+"""Recipe search, run here: every candidate recipe one after another (or in a small process pool),
+then the `select` step over their measurements, then the release gate on the chosen one.
+
+The same candidates (mnnpipe.search.spec), the same select and gate steps as on KFP (ParallelFor)
+and Airflow (.expand): only the fan-out differs. Candidates share prefixes through the
+content-addressed cache: one distilled student feeds every prune ratio, one fp32 .mnn every
+quantize setting; `SearchRun.cache_hits` counts the steps served that way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Any, Callable
+
+from .errors import StepFailed, ToolError
+from .local import RecipeRun, run_recipe
+from .recipe import Plan, plan, release_spec
+from .release import release_prefix
+from .runner import run_step
+from .search.spec import Candidate, SearchSpec, candidates, parse_search
+from .specs import StepResult
+from .store import join
+
+SELECT_STEP = "select"
+
+
+@dataclass
+class SearchRun:
+    spec: SearchSpec
+    digest: str
+    candidates: list[Candidate]
+    runs: dict[str, RecipeRun] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    selected: StepResult | None = None
+    release: StepResult | None = None
+
+    @property
+    def steps_run(self) -> int:
+        return sum(len(r.results) for r in self.runs.values())
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(r.cache_hits for r in self.runs.values())
+
+
+def search_digest(spec: SearchSpec) -> str:
+    """16 hex digits naming a search (its whole spec): the release of its winner is keyed on it."""
+    body = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def search_candidates(spec: Any) -> tuple[SearchSpec, list[Candidate]]:
+    """The validated search and its candidates, each a complete, valid recipe (else SpecError, exit 2)."""
+    from .recipe import parse_recipe
+
+    parsed = parse_search(spec)
+    return parsed, candidates(parsed, validate=parse_recipe)
+
+
+def metric_names(recipe_plan: Plan) -> dict[str, str]:
+    """The select step's metric names for a recipe: the benchmark's first threads/batch setting."""
+    measuring = recipe_plan.step(recipe_plan.release.metrics_from).spec
+    setting = f"t{(measuring.get('threads') or [1])[0]}_b{(measuring.get('batch_sizes') or [1])[0]}"
+    return {"latency_p50": f"candidate/{setting}/p50_ms", "latency_p90": f"candidate/{setting}/p90_ms"}
+
+
+def measured_candidate(candidate: Candidate, run: RecipeRun | None, error: str | None) -> dict[str, Any]:
+    """The select step's record of one candidate's run."""
+    if run is None:
+        return {"id": candidate.id, "overrides": candidate.overrides, "error": error or "did not run"}
+    release = run.plan.release
+    return {
+        "id": candidate.id,
+        "overrides": candidate.overrides,
+        "recipe_digest": run.plan.digest,
+        "model": {"uri": run.candidate_uri},
+        "metrics": run.results[release.metrics_from].metrics,
+        "reference_metrics": run.results[release.reference_from].metrics if release.reference_from else {},
+    }
+
+
+def _run_candidate(candidate: Candidate, model_uri: str, output: str, use_cache: bool) -> tuple[RecipeRun | None, str | None]:
+    """One candidate's recipe; a step that fails on its own budget or tool fails this candidate only."""
+    try:
+        return run_recipe(candidate.recipe, model_uri=model_uri, output=join(output, "candidates", candidate.id), use_cache=use_cache), None
+    except (StepFailed, ToolError) as e:
+        return None, " ".join(str(e).split())[:500]
+
+
+def _waves(cands: list[Candidate]) -> list[list[Candidate]]:
+    """For a pool: first one candidate per distinct first step, so that a shared prefix (one
+    distilled student for every prune ratio) is computed once, then the rest from the cache."""
+    first, rest, seen = [], [], set()
+    for c in cands:
+        key = json.dumps(plan(c.recipe).steps[0].spec, sort_keys=True)
+        (rest if key in seen else first).append(c)
+        seen.add(key)
+    return [first, rest]
+
+
+def run_search(
+    spec: Any,
+    *,
+    model_uri: str,
+    output: str,
+    release_root: str | None = None,
+    name: str = "model",
+    version: str = "1",
+    workers: int = 1,
+    use_cache: bool = True,
+    quiet: bool = True,
+    on_candidate: Callable[[Candidate, RecipeRun | None, str | None], None] | None = None,
+) -> SearchRun:
+    """Run every candidate, select the best within the constraints (StepFailed naming the closest
+    when none is), and with `release_root` release it: `<release_root>/<name>/<version>/<search digest>/`."""
+    parsed, cands = search_candidates(spec)
+    search = SearchRun(parsed, search_digest(parsed), cands)
+
+    def record(c: Candidate, run: RecipeRun | None, error: str | None) -> None:
+        if run is not None:
+            search.runs[c.id] = run
+        else:
+            search.errors[c.id] = error or "failed"
+        if on_candidate is not None:
+            on_candidate(c, run, error)
+
+    if workers <= 1:
+        for c in cands:
+            record(c, *_run_candidate(c, model_uri, output, use_cache))
+    else:
+        # spawn: a forked torch/MNN process is not safe to reuse; each worker imports afresh.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            for wave in _waves(cands):
+                futures = [(c, pool.submit(_run_candidate, c, model_uri, output, use_cache)) for c in wave]
+                for c, future in futures:
+                    record(c, *future.result())
+    first_plan = next((r.plan for r in search.runs.values()), plan(cands[0].recipe))
+    select_spec = {
+        "candidates": [measured_candidate(c, search.runs.get(c.id), search.errors.get(c.id)) for c in cands],
+        "constraints": parsed.constraints.model_dump(mode="json"),
+        "objective": parsed.objective.model_dump(mode="json", exclude_none=True),
+        "metric_names": metric_names(first_plan),
+        "title": f"recipe search {search.digest} ({len(cands)} candidates)",
+        "output": join(output, SELECT_STEP),
+    }
+    search.selected = run_step(SELECT_STEP, select_spec, use_cache=use_cache, quiet=quiet)
+    if release_root is not None:
+        chosen = search.runs[search.selected.chosen]
+        search.release = run_step(
+            chosen.plan.release.step,
+            release_spec(
+                chosen.plan.release,
+                candidate_uri=search.selected.artifacts["model.mnn"].uri,
+                candidate_metrics=search.selected.metrics,
+                reference_metrics=None,
+                output=release_prefix(release_root, name, version, search.digest),
+                move_latest=True,
+            ),
+            use_cache=use_cache,
+            quiet=quiet,
+        )
+    return search
