@@ -65,7 +65,7 @@ def run_demo(workdir: Path, *, use_cache: bool = True, quiet: bool = False, reci
         recipe or DEFAULT_RECIPE, model_uri=str(teacher), output=str(workdir), release_root=str(workdir / "released"),
         name=NAME, version=VERSION, use_cache=use_cache, quiet=quiet, on_step=report,
     )  # fmt: skip
-    results = {**run.results, **({run.plan.release.step: run.release} if run.release is not None else {})}
+    results = {**run.results, **({run.plan.release.step: run.release} if run.release is not None else {}), **({"trend": run.trend} if run.trend is not None else {})}
     report_md = results["benchmark"].artifacts.get("report.md") if "benchmark" in results else None
     if report_md is not None:
         say("")
@@ -121,6 +121,8 @@ def print_search(search: Any, say: Any) -> None:
     say(f"report: {selected.artifacts['report.html'].uri}")
     if search.release is not None:
         say(f"released: {search.release.released} (latest moved: {search.release.latest_moved})")
+    if search.trend is not None:
+        say(f"trend: {search.trend.artifacts['trend.html'].uri} ({search.trend.releases} releases, regression: {search.trend.regression})")
 
 
 def summary(step: str, r: Any) -> str:
@@ -135,6 +137,9 @@ def summary(step: str, r: Any) -> str:
         return f"int8 model.mnn {r.size_bytes:,} B ({r.size_ratio:.2f}x fp32), top-1 {r.fp32.accuracy:.1%} -> {r.quantized.accuracy:.1%}"
     if step == "benchmark":
         return f"{len(r.models)} models measured on {r.eval_samples} samples"
+    if step == "trend":
+        flag = f"REGRESSION: {'; '.join(r.reasons)}" if r.regression else "no regression"
+        return f"{r.releases} release(s) of {NAME}, newest {r.newest}: {flag}"
     if step == "gate":
         return f"released {r.metric} {r.value:.1%} ({r.drop:+.2f} points vs {r.reference:.1%}) -> latest: {r.latest_moved}" if r.drop is not None else f"released {r.metric} {r.value:.4g}"
     return ", ".join(f"{k}={v:.4g}" for k, v in list(r.metrics.items())[:4])

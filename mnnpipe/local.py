@@ -24,6 +24,7 @@ class RecipeRun:
     plan: Plan
     results: dict[str, StepResult] = field(default_factory=dict)
     release: StepResult | None = None
+    trend: StepResult | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -79,7 +80,21 @@ def run_recipe(
         run.seconds[release.step] = time.perf_counter() - started
         if on_step is not None:
             on_step(release.step, run.release, run.seconds[release.step])
+        started = time.perf_counter()
+        run.trend = run_trend(release_root, name, quiet=quiet)
+        if on_step is not None:
+            on_step(TREND_STEP, run.trend, time.perf_counter() - started)
     return run
+
+
+#: The step that follows every release: the model's releases over its versions.
+TREND_STEP = "trend"
+
+
+def run_trend(release_root: str, name: str, *, quiet: bool = True) -> StepResult:
+    """`<release_root>/<name>/trend/`: every release of `name` so far, regressions flagged."""
+    spec = {"release_root": release_root, "name": name, "output": join(release_root, name, TREND_STEP)}
+    return run_step(TREND_STEP, spec, quiet=quiet)
 
 
 def _handing_on(recipe_plan: Plan) -> set[str]:

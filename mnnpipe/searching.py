@@ -17,7 +17,7 @@ from multiprocessing import get_context
 from typing import Any, Callable
 
 from .errors import StepFailed, ToolError
-from .local import RecipeRun, run_recipe
+from .local import RecipeRun, run_recipe, run_trend
 from .recipe import Plan, plan, release_spec
 from .release import release_prefix
 from .runner import run_step
@@ -37,6 +37,7 @@ class SearchRun:
     errors: dict[str, str] = field(default_factory=dict)
     selected: StepResult | None = None
     release: StepResult | None = None
+    trend: StepResult | None = None
 
     @property
     def steps_run(self) -> int:
@@ -163,4 +164,5 @@ def run_search(
             use_cache=use_cache,
             quiet=quiet,
         )
+        search.trend = run_trend(release_root, name, quiet=quiet)
     return search

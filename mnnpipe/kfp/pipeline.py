@@ -100,10 +100,11 @@ def build_pipeline(
             p.update({name: latest.outputs[name] for name in LATEST_OUTPUTS})
         run_prefix = f"{p['store_prefix']}/{p['model_name']}/{p['model_version']}/{digest}"
         tasks = render_steps(recipe_plan, form=form, image=image, model_uri=p["model_uri"], run_prefix=run_prefix, dataset_uris=p)
-        render_release(
+        gate = render_release(
             recipe_plan, tasks, form=form, image=image,
             output_uri=f"{p['release_root']}/{p['model_name']}/{p['model_version']}/{digest}",
         )  # fmt: skip
+        render_trend(gate, form=form, image=image, release_root=p["release_root"], model_name=p["model_name"])
 
     compress.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=str) for n, d in defaults.items()]
@@ -166,6 +167,20 @@ def render_steps(
 
 
 _PLANNED = object()
+#: The step that reports every release of a model over its versions, after each release.
+TREND_STEP = "trend"
+
+
+def render_trend(after: Any, *, form: str, image: str, release_root: Any, model_name: Any) -> Any:
+    """The trend of the model's releases (trend.json, trend.html under
+    `<release_root>/<name>/trend`), once `after` (the gate) has released."""
+    from .components import make_component, with_task_defaults
+
+    task = make_component(TREND_STEP, form, image)(
+        spec="{}", release_root=release_root, name=model_name, output_uri=f"{release_root}/{model_name}/{TREND_STEP}"
+    )
+    task.after(after)
+    return with_task_defaults(task).set_display_name(TREND_STEP)
 
 
 def render_release(

@@ -22,7 +22,7 @@ from ..errors import SpecError
 from ..recipe import plan
 from ..searching import SELECT_STEP, metric_names, search_candidates, search_digest
 from .interface import OUTPUT_METRICS, OUTPUT_MODEL
-from .pipeline import DEFAULT_RELEASE_ROOT, DEFAULT_STORE_PREFIX, render_release, render_steps
+from .pipeline import DEFAULT_RELEASE_ROOT, DEFAULT_STORE_PREFIX, render_release, render_steps, render_trend
 
 PIPELINE_NAME = "mnnpipe-search"
 
@@ -99,11 +99,12 @@ def build_search_pipeline(
         with_task_defaults(chosen).set_display_name(SELECT_STEP)
         # The select step's metrics hold the chosen candidate's own (candidate/top1, its model
         # step's fp32_accuracy...): the gate judges it as it would judge a single run.
-        render_release(
+        gate = render_release(
             template, {SELECT_STEP: chosen}, form=form, image=image,
             output_uri=f"{p['release_root']}/{p['model_name']}/{p['model_version']}/{digest}",
             candidate_from=SELECT_STEP, metrics_from=SELECT_STEP, reference_from=None,
         )  # fmt: skip
+        render_trend(gate, form=form, image=image, release_root=p["release_root"], model_name=p["model_name"])
 
     search_pipeline.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=str) for n, d in defaults.items()]

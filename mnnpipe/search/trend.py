@@ -113,13 +113,16 @@ def _regressions(prev: Release, cur: Release, tol: TrendTolerance, prev_label: s
 
 
 def trend(releases: list[Release], tolerance: TrendTolerance | None = None) -> Trend:
-    """The series ordered by released_at then version, each release judged against the previous one."""
+    """The series ordered by released_at then version, each release judged against the previous
+    release of another version: a version released again (another recipe, a rerun) is a point of
+    its own but not a regression of itself."""
     tol = tolerance or TrendTolerance()
     ordered = sorted(releases, key=lambda r: (_parse_time(r.released_at), version_key(r.version), r.recipe_digest))
     labels = _labels(ordered)
     points = []
     for i, r in enumerate(ordered):
-        found = _regressions(ordered[i - 1], r, tol, labels[i - 1]) if i else []
+        prev = next((j for j in range(i - 1, -1, -1) if ordered[j].version != r.version), None)
+        found = _regressions(ordered[prev], r, tol, labels[prev]) if prev is not None else []
         points.append(
             TrendPoint(**r.model_dump(), regression=bool(found), regressed=[m for m, _ in found], reasons=[why for _, why in found])
         )

@@ -14,6 +14,16 @@ fails (StepFailed, nothing published) when the accuracy drop exceeds `max_accura
 `calibration_ladder: auto` tries several calibration settings (KL, EMA batch 1, more samples,
 feature clamping) and keeps the best that meets it. A model larger than the fp32 .mnn is warned
 about, and refused over `max_size_ratio`.
+
+Which fields each mode takes is declared once, in `_MODE_FIELDS` (with `_MODE_MODEL_FORMATS` and
+`_MODE_WEIGHTS`); one validator and the JSON Schema (`x-modes` per field, an `allOf` of if/then per
+mode) are derived from it. The spec stays one flat model rather than one sub-spec per mode (a
+discriminated union, as torchao has one config per scheme) on purpose: a recipe search varies one
+field by dotted path (`quantize.mode: [full-int8, weight-only]`, `quantize.calibration_samples`) and
+the KFP component sets `mode`, `qat_epochs`... as separate parameters, which nested or per-mode
+classes would turn into whole-object replacements; the catalog needs one StepSpec class; and a
+closed per-mode class would refuse the tunables a base recipe carries for another mode (e.g.
+`calibration_samples` when a search switches to weight-only), which the table marks "ignored".
 """
 
 from __future__ import annotations
@@ -21,10 +31,11 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 
 from ..catalog import HandOff, register
 from ..errors import InputError, SpecError, StepFailed, ToolError
@@ -42,9 +53,108 @@ _ADMM_CRASH = (
     "the digits CNN and MobileNetV2); use 'KL' or 'EMA'"
 )
 
+Mode = Literal["full-int8", "qat", "weight-only", "fp16"]
+_MODES: tuple[str, ...] = get_args(Mode)
+
+
+def _row(full_int8: str, qat: str, weight_only: str, fp16: str) -> dict[str, str]:
+    return dict(zip(_MODES, (full_int8, qat, weight_only, fp16), strict=True))
+
+
+# How each mode uses each mode-dependent field; Spec._mode_fields and the schema read only this.
+#   required   must be given (not null)       required*  must be given unless `inputs` is
+#   optional   used when given                ignored    accepted but unused (a search may switch
+#                                                        `mode` over a base recipe carrying it)
+#   rejected   giving it (anything but its default) is an error: it would silently do nothing
+_MODE_FIELDS: dict[str, dict[str, str]] = {
+    #                             full-int8    qat          weight-only  fp16
+    "calibration":           _row("required*", "required",  "rejected",  "rejected"),
+    "evaluation":            _row("required*", "required",  "optional",  "optional"),
+    "inputs":                _row("optional",  "rejected",  "optional",  "optional"),
+    "weights":               _row("rejected",  "rejected",  "optional",  "optional"),
+    "skip_layers":           _row("optional",  "rejected",  "rejected",  "rejected"),
+    "sensitivity":           _row("optional",  "rejected",  "rejected",  "rejected"),
+    "mixed_precision":       _row("optional",  "rejected",  "rejected",  "rejected"),
+    "calibration_ladder":    _row("optional",  "rejected",  "rejected",  "rejected"),
+    "max_attempts_s":        _row("optional",  "ignored",   "ignored",   "ignored"),
+    "calibration_samples":   _row("optional",  "ignored",   "ignored",   "ignored"),
+    "activation_method":     _row("optional",  "ignored",   "ignored",   "ignored"),
+    "weight_method":         _row("optional",  "ignored",   "ignored",   "ignored"),
+    "batch_size":            _row("optional",  "ignored",   "ignored",   "ignored"),
+    "qat_epochs":            _row("ignored",   "optional",  "ignored",   "ignored"),
+    "qat_lr":                _row("ignored",   "optional",  "ignored",   "ignored"),
+}  # fmt: skip
+# What a required field is for, in its error message.
+_REQUIRED_FOR = {
+    ("calibration", "full-int8"): "a DatasetRef to calibrate on",
+    ("calibration", "qat"): "the labelled set the fine-tune trains on",
+    ("evaluation", "full-int8"): "a held-out DatasetRef",
+    ("evaluation", "qat"): "a held-out DatasetRef",
+}
+# Model formats a mode reads (None: any); "auto" is resolved from the extension before the check.
+_CONVERTER_READS = ("torchscript", "torch-export", "state-dict", "onnx")
+_MODE_MODEL_FORMATS: dict[str, tuple[tuple[str, ...] | None, str]] = {
+    "full-int8": (None, ""),
+    "qat": (("state-dict",), "mode 'qat' fine-tunes the torch model: give a state-dict (.pth) with its factory"),
+    "weight-only": (_CONVERTER_READS, "mode 'weight-only' is applied by the converter, which reads torch or ONNX models; give the source model, not {what}"),
+    "fp16": (_CONVERTER_READS, "mode 'fp16' is applied by the converter, which reads torch or ONNX models; give the source model, not {what}"),
+}  # fmt: skip
+# The converter modes' `weights`: the WeightCompression field that must be set, and the default.
+_MODE_WEIGHTS: dict[str, tuple[str, WeightCompression, str]] = {
+    "weight-only": ("bits", WeightCompression(bits=8), "weights.bits (2-8), or omit weights for 8 bits"),
+    "fp16": ("fp16", WeightCompression(fp16=True), "weights.fp16 true (or omit weights)"),
+}
+# Fields that measure a single-input model: refused with `inputs` whatever the mode.
+_SINGLE_INPUT_ONLY = {
+    "evaluation": "evaluation feeds one input; with inputs the check uses random inputs: omit evaluation",
+    "sensitivity": "sensitivity and mixed_precision measure single-input models; with inputs use skip_layers",
+    "mixed_precision": "sensitivity and mixed_precision measure single-input models; with inputs use skip_layers",
+    "calibration_ladder": "calibration_ladder auto applies to a single-input model (not with inputs)",
+}
+
+
+def _modes_using(field: str) -> str:
+    modes = [m for m, use in _MODE_FIELDS[field].items() if use not in ("rejected", "ignored")]
+    return f"mode {modes[0]} only" if len(modes) == 1 else f"modes {' / '.join(modes)}"
+
+
+def _mode_schema(schema: dict[str, Any]) -> None:
+    """Document the table in the JSON Schema: `x-modes` on each field, and per mode an if/then."""
+    props = schema.get("properties", {})
+    for field, uses in _MODE_FIELDS.items():
+        props[field]["x-modes"] = {m: "required unless inputs" if u == "required*" else u for m, u in uses.items()}
+    rules = []
+    for mode in _MODES:
+        then: dict[str, Any] = {"properties": {}}
+        required = [f for f, uses in _MODE_FIELDS.items() if uses[mode] == "required"]
+        if required:
+            then["required"] = required
+        unless_inputs = [{"anyOf": [{"required": [f]}, {"required": ["inputs"]}]} for f, uses in _MODE_FIELDS.items() if uses[mode] == "required*"]
+        if unless_inputs:
+            then["allOf"] = unless_inputs
+        for f, uses in _MODE_FIELDS.items():
+            if uses[mode] == "rejected":
+                then["properties"][f] = {"const": to_jsonable_python(Spec.model_fields[f].default)}
+        formats, _ = _MODE_MODEL_FORMATS[mode]
+        if formats is not None:
+            then["properties"]["model"] = {"properties": {"format": {"enum": [*formats, "auto"]}}}
+        if mode in _MODE_WEIGHTS:
+            key = _MODE_WEIGHTS[mode][0]
+            must = {"required": [key], "properties": {key: {"not": {"enum": [None, False]}}}}
+            then["properties"]["weights"] = {"anyOf": [{"type": "null"}, must]}
+        cond: dict[str, Any] = {"properties": {"mode": {"const": mode}}}
+        if mode != Spec.model_fields["mode"].default:
+            cond["required"] = ["mode"]
+        rules.append({"if": cond, "then": then})
+    single = {f: {"const": to_jsonable_python(Spec.model_fields[f].default)} for f in _SINGLE_INPUT_ONLY}
+    rules.append({"if": {"properties": {"inputs": {"type": "array"}}, "required": ["inputs"]}, "then": {"properties": single}})
+    schema["allOf"] = rules
+
 
 class Spec(StepSpec):
     """Quantize a model for MNN: full int8 (calibrated), weight-only int8/int4, or fp16."""
+
+    model_config = ConfigDict(json_schema_extra=_mode_schema)
 
     kind: Literal["quantize"] = Field("quantize", description="The step this spec is for.")
     model: ModelRef = Field(
@@ -66,7 +176,7 @@ class Spec(StepSpec):
         16, ge=1, le=4096, description="Random inputs the models are compared on without an evaluation set (`inputs`, or weight-only / "
         "fp16 without `evaluation`)."
     )
-    mode: Literal["full-int8", "qat", "weight-only", "fp16"] = Field(
+    mode: Mode = Field(
         "full-int8",
         description="full-int8: int8 weights and activations (int8 kernels); qat: the same after a "
         "quantization-aware fine-tune of a state-dict model on the labelled `calibration` set (recovers what "
@@ -183,50 +293,41 @@ class Spec(StepSpec):
 
     @model_validator(mode="after")
     def _mode_fields(self) -> Spec:
-        if self.mode == "qat":
-            if self.model.format != "state-dict":
-                raise ValueError("mode 'qat' fine-tunes the torch model: give a state-dict (.pth) with its factory")
-            if self.calibration is None:
-                raise ValueError("calibration is required for mode 'qat' (the labelled set the fine-tune trains on)")
-            if self.inputs is not None or self.weights is not None or self.skip_layers:
-                raise ValueError("mode 'qat' takes one `input`; inputs, weights and skip_layers do not apply")
-            if self.mixed_precision != "off" or self.sensitivity:
-                raise ValueError("sensitivity and mixed_precision apply to mode full-int8 only")
-        elif self.mode == "full-int8":
-            if self.calibration is None and self.inputs is None:
-                raise ValueError("calibration is required for mode 'full-int8' (a DatasetRef to calibrate on)")
-            if self.weights is not None:
-                raise ValueError("weights applies to modes weight-only / fp16, not full-int8")
-        else:
-            if self.model.format == "mnn":
-                raise ValueError(
-                    f"mode '{self.mode}' is applied by the converter, which reads torch or ONNX models; "
-                    "give the source model, not an .mnn"
-                )
-            for name in ("calibration", "skip_layers"):
-                if getattr(self, name):
-                    raise ValueError(f"{name} applies to mode full-int8 only")
-            if self.mixed_precision != "off" or self.sensitivity:
-                raise ValueError("sensitivity and mixed_precision apply to mode full-int8 only")
-            if self.weights is not None and self.mode == "fp16" and not self.weights.fp16:
-                raise ValueError("mode 'fp16' needs weights.fp16 true (or omit weights)")
-            if self.weights is not None and self.mode == "weight-only" and self.weights.bits is None:
-                raise ValueError("mode 'weight-only' needs weights.bits (2-8), or omit weights for 8 bits")
-        if self.calibration_ladder == "auto" and (self.mode != "full-int8" or self.inputs is not None):
-            raise ValueError("calibration_ladder auto applies to mode full-int8 of a single-input model (not with inputs)")
+        """Every rule of _MODE_FIELDS, _MODE_MODEL_FORMATS, _MODE_WEIGHTS and _SINGLE_INPUT_ONLY; all
+        problems in one message."""
+        mode, problems = self.mode, []
+        formats, wrong_format = _MODE_MODEL_FORMATS[mode]
+        if formats is not None and self.model.format not in formats:
+            what = "an .mnn" if self.model.format == "mnn" else f"a {self.model.format} model"
+            problems.append(wrong_format.format(what=what))
+        for field, uses in _MODE_FIELDS.items():
+            use, value = uses[mode], getattr(self, field)
+            if use in ("required", "required*") and value is None and not (use == "required*" and self.inputs is not None):
+                unless = " unless inputs is given" if use == "required*" else ""
+                why = _REQUIRED_FOR.get((field, mode))
+                problems.append(f"{field} is required for mode '{mode}'{unless}" + (f" ({why})" if why else ""))
+            elif use == "rejected" and value != type(self).model_fields[field].default:
+                problems.append(f"{field} applies to {_modes_using(field)}, not {mode}")
+        if mode in _MODE_WEIGHTS and self.weights is not None:
+            key, _, need = _MODE_WEIGHTS[mode]
+            if getattr(self.weights, key) in (None, False):
+                problems.append(f"mode '{mode}' needs {need}")
+        if self.inputs is not None:
+            for field, why in _SINGLE_INPUT_ONLY.items():
+                if getattr(self, field) != type(self).model_fields[field].default and why not in problems:
+                    problems.append(why)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _inputs(self) -> Spec:
         if self.inputs is not None:
             if self.input is not None:
                 raise ValueError("give either input (one input) or inputs (every input), not both")
-            if self.mode == "full-int8" and (self.mixed_precision != "off" or self.sensitivity):
-                raise ValueError("sensitivity and mixed_precision measure single-input models; with inputs use skip_layers")
-            if self.evaluation is not None:
-                raise ValueError("evaluation feeds one input; with inputs the check uses random inputs: omit evaluation")
             names = [t.name for t in self.inputs]
             if len(set(names)) != len(names):
                 raise ValueError(f"inputs names must be unique, got {names}")
-        elif self.evaluation is None:
-            if self.mode not in ("weight-only", "fp16"):
-                raise ValueError("evaluation is required (a held-out DatasetRef) unless inputs is given")
         if self.model.is_torch and self.input is None and self.inputs is None:
             raise ValueError("input (name and shape) is required to export a torch model")
         return self

@@ -48,9 +48,17 @@ def test_regressions_beyond_tolerance_are_flagged_against_the_previous_release()
     assert t.points[3].regressed == ["accuracy", "latency"]
 
 
-def test_a_version_released_with_two_recipes_is_told_apart_by_digest():
-    t = trend([rel("v1", "2026-01-01T00:00:00Z", 100, digest="a" * 16), rel("v1", "2026-01-02T00:00:00Z", 200, digest="b" * 16)], TOL)
-    assert t.points[1].reasons == ["size 200 B is +100.0% over v1 (aaaaaaaa)'s 100 B (tolerance +5%)"]
+def test_a_version_released_with_two_recipes_is_told_apart_by_digest_and_not_judged_against_itself():
+    t = trend(
+        [
+            rel("v1", "2026-01-01T00:00:00Z", 100, digest="a" * 16),
+            rel("v1", "2026-01-02T00:00:00Z", 200, digest="b" * 16),  # a rerun / another recipe of v1
+            rel("v2", "2026-01-03T00:00:00Z", 300, digest="a" * 16),
+        ],
+        TOL,
+    )
+    assert [p.regression for p in t.points] == [False, False, True]
+    assert t.points[2].reasons == ["size 300 B is +50.0% over v1 (bbbbbbbb)'s 200 B (tolerance +5%)"]
 
 
 def test_exactly_at_tolerance_and_missing_metrics_are_not_regressions():
