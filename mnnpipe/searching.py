@@ -14,9 +14,11 @@ import json
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
+from collections.abc import Mapping
 from typing import Any, Callable
 
-from .errors import StepFailed, ToolError
+from . import catalog
+from .errors import SpecError, StepFailed, ToolError
 from .local import RecipeRun, run_recipe, run_trend
 from .recipe import Plan, plan, release_spec
 from .release import release_prefix
@@ -69,18 +71,77 @@ def metric_names(recipe_plan: Plan) -> dict[str, str]:
     return {"latency_p50": f"candidate/{setting}/p50_ms", "latency_p90": f"candidate/{setting}/p90_ms"}
 
 
+def chain_of(recipe_plan: Plan) -> tuple[Any, ...]:
+    """What a candidate runs, as an orchestrator's fan-out sees it: its steps in order, each with
+    its wires and dataset fields. Candidates with the same chain differ only in their specs' values."""
+    return tuple((s.step, s.wires, s.datasets) for s in recipe_plan.steps)
+
+
+def chains(cands: list[Candidate]) -> list[list[tuple[Candidate, Plan]]]:
+    """The candidates with their plans, grouped by the chain of steps they run (`chain_of`): the
+    groups in order of their first candidate, each in candidate order. A space that switches a
+    step on and off (e.g. quantize: [..., null]) gives one group per variant."""
+    grouped: dict[tuple[Any, ...], list[tuple[Candidate, Plan]]] = {}
+    for c in cands:
+        p = plan(c.recipe)
+        grouped.setdefault(chain_of(p), []).append((c, p))
+    return list(grouped.values())
+
+
+def one_chain(cands: list[Candidate], *, why: str) -> list[Plan]:
+    """Each candidate's plan, when every candidate runs the same chain of steps; else SpecError
+    naming `space` and the first candidate that differs, then `why` (e.g. what the orchestrator's
+    loop can run)."""
+    grouped = chains(cands)
+    if len(grouped) > 1:
+        (_, first), (c, other) = grouped[0][0], grouped[1][0]
+        steps = [" -> ".join(s.step for s in p.steps) for p in (other, first)]
+        runs = f"runs {steps[0]}, not {steps[1]}" if steps[0] != steps[1] else f"wires its models otherwise than {grouped[0][0][0].id} (compare)"
+        raise SpecError(f"space: candidate {c.id} {runs}: {why}")
+    by_id = {c.id: p for c, p in grouped[0]}
+    return [by_id[c.id] for c in cands]
+
+
+def measured_results(candidate: Candidate, recipe_plan: Plan, results: Mapping[str, Mapping[str, Any]] | None, error: str | None = None) -> dict[str, Any]:
+    """The select step's record of one candidate, from its steps' Results as dicts (as an
+    orchestrator holds them: XCom, KFP artifacts), by step name. With `error`, or without a Result
+    of a step the release judges by, the candidate failed (the select step records it so)."""
+    release = recipe_plan.release
+    judged = [release.candidate_from, release.metrics_from, *([release.reference_from] if release.reference_from else [])]
+    missing = [s for s in dict.fromkeys(judged) if results is None or s not in results]
+    if error is not None or missing:
+        return {"id": candidate.id, "overrides": candidate.overrides, "recipe_digest": recipe_plan.digest, "error": error or f"{missing[0]} left no result"}
+    assert results is not None
+    hands_on = catalog.get(release.candidate_from).hands_on
+    assert hands_on is not None, f"{release.candidate_from} hands nothing on"
+    return {
+        "id": candidate.id,
+        "overrides": candidate.overrides,
+        "recipe_digest": recipe_plan.digest,
+        "model": {"uri": results[release.candidate_from]["artifacts"][hands_on.artifact]["uri"]},
+        "metrics": dict(results[release.metrics_from]["metrics"]),
+        "reference_metrics": dict(results[release.reference_from]["metrics"]) if release.reference_from else {},
+    }
+
+
 def measured_candidate(candidate: Candidate, run: RecipeRun | None, error: str | None) -> dict[str, Any]:
     """The select step's record of one candidate's run."""
     if run is None:
         return {"id": candidate.id, "overrides": candidate.overrides, "error": error or "did not run"}
-    release = run.plan.release
+    return measured_results(candidate, run.plan, {step: r.model_dump(mode="json") for step, r in run.results.items()})
+
+
+def select_spec(parsed: SearchSpec, digest: str, recipe_plan: Plan, records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The select step's spec: the candidates' records (`measured_results`), the search's
+    constraints and objective, the metric names of `recipe_plan` (any candidate's: they measure
+    alike), and `extra` fields (output, ids_in_uris...)."""
     return {
-        "id": candidate.id,
-        "overrides": candidate.overrides,
-        "recipe_digest": run.plan.digest,
-        "model": {"uri": run.candidate_uri},
-        "metrics": run.results[release.metrics_from].metrics,
-        "reference_metrics": run.results[release.reference_from].metrics if release.reference_from else {},
+        "candidates": records,
+        "constraints": parsed.constraints.model_dump(mode="json"),
+        "objective": parsed.objective.model_dump(mode="json", exclude_none=True),
+        "metric_names": metric_names(recipe_plan),
+        "title": f"recipe search {digest} ({len(records)} candidates)",
+        **extra,
     }
 
 
@@ -140,15 +201,9 @@ def run_search(
                 for c, future in futures:
                     record(c, *future.result())
     first_plan = next((r.plan for r in search.runs.values()), plan(cands[0].recipe))
-    select_spec = {
-        "candidates": [measured_candidate(c, search.runs.get(c.id), search.errors.get(c.id)) for c in cands],
-        "constraints": parsed.constraints.model_dump(mode="json"),
-        "objective": parsed.objective.model_dump(mode="json", exclude_none=True),
-        "metric_names": metric_names(first_plan),
-        "title": f"recipe search {search.digest} ({len(cands)} candidates)",
-        "output": join(output, SELECT_STEP),
-    }
-    search.selected = run_step(SELECT_STEP, select_spec, use_cache=use_cache, quiet=quiet)
+    records = [measured_candidate(c, search.runs.get(c.id), search.errors.get(c.id)) for c in cands]
+    spec_of_select = select_spec(parsed, search.digest, first_plan, records, output=join(output, SELECT_STEP))
+    search.selected = run_step(SELECT_STEP, spec_of_select, use_cache=use_cache, quiet=quiet)
     if release_root is not None:
         chosen = search.runs[search.selected.chosen]
         search.release = run_step(

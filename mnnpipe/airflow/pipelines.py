@@ -151,7 +151,7 @@ def release_task(recipe: Any, operators: Mapping[str, Any], *, found: Any, relea
     `operators`: render_recipe's result; `found`: an XComArg of the version dict
     ({"version", "model_uri", "name"}); `release_root` may be a template.
     """
-    from airflow.sdk import get_current_context, task
+    from airflow.sdk import task
 
     recipe_plan = recipe if isinstance(recipe, Plan) else plan(recipe)
     release = recipe_plan.release
@@ -160,30 +160,55 @@ def release_task(recipe: Any, operators: Mapping[str, Any], *, found: Any, relea
 
     @task(task_id="release", outlets=[config.RELEASED_ASSET])
     def release_step(found: dict[str, str], results: dict[str, dict[str, Any]], release_root: str, planned: dict[str, Any], digest: str, move_latest: bool) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from ..errors import SpecError, StepFailed
-        from ..recipe import PlannedRelease
-        from .release import gate_and_release
-
-        try:
-            result = gate_and_release(
-                PlannedRelease(**planned), found=found, results=results, release_root=release_root, digest=digest, move_latest=move_latest
-            )
-        except (SpecError, StepFailed) as e:  # over budget stays over budget on every retry
-            raise AirflowFailException(str(e)) from e
-        # The gate publishes the candidate under its own file name (the hand-off's).
-        released_file = PurePosixPath(handoff_artifact(planned["candidate_from"])).name
-        context = get_current_context()
-        context["outlet_events"][config.RELEASED_ASSET].extra = {
-            "name": found.get("name", ""),
-            "version": found["version"],
-            "release": result["released"],
-            "model_uri": result["artifacts"][released_file]["uri"],
-            "latest_moved": result["latest_moved"],
-        }
-        return result
+        return release_and_announce(planned, found=found, results=results, release_root=release_root, digest=digest, move_latest=move_latest)
 
     # The planned release as plain data: it is a templated argument, shown rendered in the UI.
     planned = dataclasses.asdict(release)
     return release_step(found=found, results=results, release_root=release_root, planned=planned, digest=recipe_plan.digest, move_latest=move_latest)
+
+
+def release_and_announce(planned: Mapping[str, Any], *, found: Mapping[str, str], results: Mapping[str, Mapping[str, Any]], release_root: str, digest: str, move_latest: bool) -> dict[str, Any]:
+    """Inside a release task (its outlets: config.RELEASED_ASSET): the gate on the candidate
+    (`release.gate_and_release`), then the RELEASED_ASSET event's extra. `planned`: a
+    PlannedRelease as a dict. Over budget: AirflowFailException (a retry cannot change the verdict)."""
+    from airflow.sdk import get_current_context
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from ..errors import StepFailed
+    from ..recipe import PlannedRelease
+    from .release import gate_and_release
+
+    try:
+        result = gate_and_release(PlannedRelease(**planned), found=found, results=results, release_root=release_root, digest=digest, move_latest=move_latest)
+    except (SpecError, StepFailed) as e:  # over budget stays over budget on every retry
+        raise AirflowFailException(str(e)) from e
+    # The gate publishes the candidate under its own file name (the hand-off's).
+    released_file = PurePosixPath(handoff_artifact(planned["candidate_from"])).name
+    context = get_current_context()
+    context["outlet_events"][config.RELEASED_ASSET].extra = {
+        "name": found.get("name", ""),
+        "version": found["version"],
+        "release": result["released"],
+        "model_uri": result["artifacts"][released_file]["uri"],
+        "latest_moved": result["latest_moved"],
+    }
+    return result
+
+
+#: The step after every release: the model's releases over its versions (trend.json, trend.html).
+TREND_STEP = "trend"
+
+
+def model_name(version_task_id: str) -> str:
+    """A Jinja expression for the model name of the version dict ({"version", "model_uri",
+    "name"}) task `version_task_id` pushed (the registry folder's name; 'model' when it has none),
+    as the release names it."""
+    return "{{ (%s or {}).get('name') or 'model' }}" % pulled(version_task_id)
+
+
+def trend_task(*, release_root: str, name: str, task_id: str = TREND_STEP, **kwargs: Any) -> Any:
+    """The trend step after a release: every release of `name` under `release_root` so far,
+    regressions flagged, published to `{release_root}/{name}/trend` (trend.json, trend.html).
+    Both may be templates. Never served from the cache (what the store holds changes)."""
+    spec = {"release_root": release_root, "name": name, "output": f"{release_root}/{name}/{TREND_STEP}"}
+    return step_operator(TREND_STEP, task_id=task_id, spec=spec, **kwargs)
