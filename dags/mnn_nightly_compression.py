@@ -11,7 +11,8 @@ of the same day never write over each other. The tasks, their order, their specs
 gate are a rendering of the recipe (`mnnpipe.airflow.pipelines.render_recipe`, the same plan KFP
 and `mnnpipe demo` run); the gate publishes `{artifact_prefix}/released/{name}/{version}/{recipe
 digest}/`, moves `released/{name}/latest.json` forward and emits the Asset
-`mnnpipe_compressed_model_released`.
+`mnnpipe_compressed_model_released`; then the trend step publishes every release of the model so
+far (trend.json, trend.html, regressions flagged) to `{artifact_prefix}/released/{name}/trend`.
 
 Configuration (see mnnpipe.airflow.config): params / Variables / env `model_registry`,
 `artifact_prefix`; params `distill_epochs`, `finetune_epochs` (their defaults are the recipe's);
@@ -21,10 +22,10 @@ env MNNPIPE_AIRFLOW_EXECUTION (kubernetes | in_process).
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import DAG, Param, get_current_context, task
+from airflow.sdk import DAG, Param
 
 from mnnpipe.airflow import config
-from mnnpipe.airflow.pipelines import pulled, release_task, render_recipe
+from mnnpipe.airflow.pipelines import latest_model_task, model_name, pulled, release_task, render_recipe, trend_task
 from mnnpipe.default_recipe import DEFAULT_RECIPE
 from mnnpipe.recipe import parse_recipe, plan
 
@@ -37,6 +38,7 @@ TEMPLATES = {"distill.training.epochs": "{{ params.distill_epochs }}", "prune.fi
 
 ARTIFACTS = config.setting("artifact_prefix") + "/nightly/" + config.RUN_SEGMENT
 MODEL_URI = "{{ %s['model_uri'] }}" % pulled("latest_model")
+RELEASED = config.setting("artifact_prefix") + "/released"
 
 with DAG(
     dag_id="mnn_nightly_compression",
@@ -55,21 +57,8 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
 
-    @task
-    def latest_model() -> dict[str, str]:
-        """The newest version in the registry; fails when the registry holds none."""
-        from mnnpipe.registry import list_versions
-
-        registry = config.resolve("model_registry", get_current_context()["params"])
-        versions = list_versions(registry, config.REGISTRY_MODEL_FILE)
-        if not versions:
-            from airflow.sdk.exceptions import AirflowFailException
-
-            # Nothing to compress is a configuration problem a retry will not fix.
-            raise AirflowFailException(f"no model version under {registry} (expected {registry}/<version>/{config.REGISTRY_MODEL_FILE})")
-        return versions[-1].as_dict()
-
-    latest = latest_model()
+    latest = latest_model_task()
     steps = render_recipe(PLAN, model_uri=MODEL_URI, output=ARTIFACTS, templates=TEMPLATES)
     latest >> next(iter(steps.values()))
-    release_task(PLAN, steps, found=latest, release_root=config.setting("artifact_prefix") + "/released")
+    released = release_task(PLAN, steps, found=latest, release_root=RELEASED)
+    released >> trend_task(release_root=RELEASED, name=model_name("latest_model"))

@@ -14,6 +14,8 @@ version's model never changes, so a rerun of it produces the same bytes, served 
 content-addressed cache), then the recipe's release gate, which publishes
 `{artifact_prefix}/released/{name}/{version}/{recipe digest}/`, moves
 `released/{name}/latest.json` forward and emits the Asset `mnnpipe_compressed_model_released`.
+After the group, once every version is done and one was released, the trend step publishes every
+release of the model so far (trend.json, trend.html) to `{artifact_prefix}/released/{name}/trend`.
 A version is processed once its release manifest exists for this recipe, as in KFP.
 
 Configuration (see mnnpipe.airflow.config): params / Variables / env `model_registry`,
@@ -24,9 +26,10 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, get_current_context, task, task_group
+from airflow.task.trigger_rule import TriggerRule
 
 from mnnpipe.airflow import config
-from mnnpipe.airflow.pipelines import pulled, release_task, render_recipe
+from mnnpipe.airflow.pipelines import pulled, release_task, render_recipe, trend_task
 from mnnpipe.default_recipe import COMPRESS_RECIPE
 from mnnpipe.recipe import plan
 from mnnpipe.release import release_prefix
@@ -39,6 +42,9 @@ GROUP = "compress"
 ARTIFACTS = config.setting("artifact_prefix") + "/versions"
 VERSION = "{{ %s['version'] }}" % pulled(f"{GROUP}.version")
 MODEL_URI = "{{ %s['model_uri'] }}" % pulled(f"{GROUP}.version")
+RELEASED = config.setting("artifact_prefix") + "/released"
+# The model of this run's versions (one registry: the registry folder's name), for the trend.
+NAME = "{{ ((ti.xcom_pull(task_ids='versions_to_compress') or [{}])[0] or {}).get('name') or 'model' }}"
 
 with DAG(
     dag_id="mnn_recompress_on_new_model",
@@ -77,6 +83,10 @@ with DAG(
         chosen = version(found)
         steps = render_recipe(PLAN, model_uri=MODEL_URI, output=f"{ARTIFACTS}/{VERSION}", group=GROUP)
         chosen >> next(iter(steps.values()))
-        release_task(PLAN, steps, found=chosen, release_root=config.setting("artifact_prefix") + "/released")
+        release_task(PLAN, steps, found=chosen, release_root=RELEASED)
 
-    compress.expand(found=versions_to_compress())
+    compressed = compress.expand(found=versions_to_compress())
+    # Once every version's release is done and one of them released (none to do: skipped), the
+    # trend of the model's releases. One task after the group: the mapped instances would all
+    # write the same trend at once.
+    compressed >> trend_task(release_root=RELEASED, name=NAME, trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)

@@ -24,10 +24,13 @@ from ..recipe import SOURCE, Plan, plan, wired_spec
 from .operators import KUBERNETES_EXTRA_MISSING, kubernetes_provider_installed, operator_class
 
 
-def pulled(task_id: str) -> str:
+def pulled(task_id: str, *, same_index: bool = True) -> str:
     """A Jinja expression for what task `task_id` pushed to XCom in this run. Pulled from the same
     map index as the task rendering it, so it works inside a mapped task group (one instance per
-    model version) and outside one alike (both -1 there)."""
+    model version) and outside one alike (both -1 there). `same_index=False`: from a task that is
+    not mapped, e.g. the one before a mapped group, pulled from inside the group."""
+    if not same_index:
+        return "ti.xcom_pull(task_ids='%s')" % task_id
     return "ti.xcom_pull(task_ids='%s', map_indexes=ti.map_index)" % task_id
 
 
@@ -199,11 +202,11 @@ def release_and_announce(planned: Mapping[str, Any], *, found: Mapping[str, str]
 TREND_STEP = "trend"
 
 
-def model_name(version_task_id: str) -> str:
+def model_name(version_task_id: str, *, same_index: bool = True) -> str:
     """A Jinja expression for the model name of the version dict ({"version", "model_uri",
     "name"}) task `version_task_id` pushed (the registry folder's name; 'model' when it has none),
     as the release names it."""
-    return "{{ (%s or {}).get('name') or 'model' }}" % pulled(version_task_id)
+    return "{{ (%s or {}).get('name') or 'model' }}" % pulled(version_task_id, same_index=same_index)
 
 
 def trend_task(*, release_root: str, name: str, task_id: str = TREND_STEP, **kwargs: Any) -> Any:
@@ -212,3 +215,25 @@ def trend_task(*, release_root: str, name: str, task_id: str = TREND_STEP, **kwa
     Both may be templates. Never served from the cache (what the store holds changes)."""
     spec = {"release_root": release_root, "name": name, "output": f"{release_root}/{name}/{TREND_STEP}"}
     return step_operator(TREND_STEP, task_id=task_id, spec=spec, **kwargs)
+
+
+def latest_model_task(task_id: str = "latest_model") -> Any:
+    """A task returning the newest version in the registry (setting `model_registry`) as a dict
+    {"version", "model_uri", "name"}; it fails without retries when the registry holds none."""
+    from airflow.sdk import get_current_context, task
+
+    @task(task_id=task_id)
+    def latest_model() -> dict[str, str]:
+        """The newest version in the registry; fails when the registry holds none."""
+        from ..registry import list_versions
+
+        registry = config.resolve("model_registry", get_current_context()["params"])
+        versions = list_versions(registry, config.REGISTRY_MODEL_FILE)
+        if not versions:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            # Nothing to compress is a configuration problem a retry will not fix.
+            raise AirflowFailException(f"no model version under {registry} (expected {registry}/<version>/{config.REGISTRY_MODEL_FILE})")
+        return versions[-1].as_dict()
+
+    return latest_model()

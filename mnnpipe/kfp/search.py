@@ -18,9 +18,7 @@ import json
 from typing import Any, Literal
 
 from ..container import image_note, resolve_image
-from ..errors import SpecError
-from ..recipe import plan
-from ..searching import SELECT_STEP, metric_names, search_candidates, search_digest
+from ..searching import SELECT_STEP, one_chain, search_candidates, search_digest, select_spec
 from .interface import OUTPUT_METRICS, OUTPUT_MODEL
 from .pipeline import DEFAULT_RELEASE_ROOT, DEFAULT_STORE_PREFIX, render_release, render_steps, render_trend
 
@@ -48,29 +46,18 @@ def build_search_pipeline(
     parsed, cands = search_candidates(search)
     digest = search_digest(parsed)
     image = resolve_image(image)
-    plans = [plan(c.recipe) for c in cands]
-    shape = [(p.step, p.wires, p.datasets) for p in plans[0].steps]
-    for c, p in zip(cands, plans):
-        if [(s.step, s.wires, s.datasets) for s in p.steps] != shape:
-            steps = " -> ".join(s.step for s in p.steps)
-            raise SpecError(
-                f"space: candidate {c.id} runs {steps}, not {' -> '.join(s for s, _, _ in shape)}: a KFP ParallelFor runs one "
-                "chain of steps for every candidate; search step on/off with `mnnpipe search`, or in separate pipelines"
-            )
+    plans = one_chain(
+        cands, why="a KFP ParallelFor runs one chain of steps for every candidate; search steps on and off with "
+        "`mnnpipe search` or the Airflow search DAG, or in separate pipelines",
+    )
     template = plans[0]
     items = [
         {"id": c.id, **{s.step: json.dumps(s.spec, sort_keys=True) for s in p.steps}, **{f"{s.step}_output": f"{c.id}/{s.step}" for s in p.steps}}
         for c, p in zip(cands, plans)
     ]
     release = template.release
-    select_spec = {
-        "candidates": [{"id": c.id, "overrides": c.overrides, "recipe_digest": p.digest, "model": {}} for c, p in zip(cands, plans)],
-        "constraints": parsed.constraints.model_dump(mode="json"),
-        "objective": parsed.objective.model_dump(mode="json", exclude_none=True),
-        "metric_names": metric_names(template),
-        "title": f"recipe search {digest} ({len(cands)} candidates)",
-        "ids_in_uris": True,
-    }
+    records = [{"id": c.id, "overrides": c.overrides, "recipe_digest": p.digest, "model": {}} for c, p in zip(cands, plans)]
+    spec_of_select = select_spec(parsed, digest, template, records, ids_in_uris=True)
     defaults = {
         "model_uri": model_uri,
         "model_name": model_name,
@@ -90,7 +77,7 @@ def build_search_pipeline(
                 spec_of=lambda planned: getattr(item, planned.step), subpath_of=lambda planned: getattr(item, f"{planned.step}_output"),
             )  # fmt: skip
         chosen = make_component(SELECT_STEP, form, image)(
-            spec=json.dumps(select_spec, sort_keys=True),
+            spec=json.dumps(spec_of_select, sort_keys=True),
             output_uri=f"{run_prefix}/{SELECT_STEP}",
             candidates_model=dsl.Collected(tasks[release.candidate_from].outputs[OUTPUT_MODEL]),
             candidates_metrics=dsl.Collected(tasks[release.metrics_from].outputs[OUTPUT_METRICS]),

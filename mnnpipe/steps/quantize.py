@@ -295,7 +295,7 @@ class Spec(StepSpec):
     def _mode_fields(self) -> Spec:
         """Every rule of _MODE_FIELDS, _MODE_MODEL_FORMATS, _MODE_WEIGHTS and _SINGLE_INPUT_ONLY; all
         problems in one message."""
-        mode, problems = self.mode, []
+        mode, problems, flagged = self.mode, [], set()
         formats, wrong_format = _MODE_MODEL_FORMATS[mode]
         if formats is not None and self.model.format not in formats:
             what = "an .mnn" if self.model.format == "mnn" else f"a {self.model.format} model"
@@ -308,13 +308,15 @@ class Spec(StepSpec):
                 problems.append(f"{field} is required for mode '{mode}'{unless}" + (f" ({why})" if why else ""))
             elif use == "rejected" and value != type(self).model_fields[field].default:
                 problems.append(f"{field} applies to {_modes_using(field)}, not {mode}")
+                flagged.add(field)
         if mode in _MODE_WEIGHTS and self.weights is not None:
             key, _, need = _MODE_WEIGHTS[mode]
             if getattr(self.weights, key) in (None, False):
                 problems.append(f"mode '{mode}' needs {need}")
         if self.inputs is not None:
             for field, why in _SINGLE_INPUT_ONLY.items():
-                if getattr(self, field) != type(self).model_fields[field].default and why not in problems:
+                set_here = getattr(self, field) != type(self).model_fields[field].default
+                if set_here and field not in flagged and why not in problems:
                     problems.append(why)
         if problems:
             raise ValueError("; ".join(problems))
@@ -907,7 +909,7 @@ def _qat(spec: Spec, ctx, name: str, shape: tuple[int, ...]) -> tuple[Path, list
 
 
 def _default_weights(mode: str) -> WeightCompression:
-    return WeightCompression(fp16=True) if mode == "fp16" else WeightCompression(bits=8)
+    return _MODE_WEIGHTS[mode][1]
 
 
 register(name="quantize", spec=Spec, result=Result, run=run, stage="quantize", model_input="model", hands_on=HandOff("model.mnn", "mnn"))

@@ -27,7 +27,7 @@ pytest.importorskip("airflow.sdk", reason="needs the airflow extra")
 
 pytestmark = pytest.mark.integration
 
-DAG_IDS = {"mnn_nightly_compression", "mnn_recompress_on_new_model", "example_training_handoff"}
+DAG_IDS = {"mnn_nightly_compression", "mnn_recompress_on_new_model", "example_training_handoff", "mnn_recipe_search"}
 STEPS = ("convert", "quantize", "benchmark")
 
 
@@ -153,7 +153,7 @@ def assert_rendered_from(parsed: dict, recipe: dict, *, group: str, templates: d
     dag = parsed["dag"]
     recipe_plan = plan(recipe)
     prefix = f"{group}." if group else ""
-    step_tasks = [t for t in dag.topological_sort() if hasattr(t, "spec")]
+    step_tasks = [t for t in dag.topological_sort() if hasattr(t, "spec") and t.step != "trend"]  # the trend follows the release
     assert [t.task_id for t in step_tasks] == [prefix + p.step for p in recipe_plan.steps]
     for task, planned in zip(step_tasks, recipe_plan.steps):
         spec = copy.deepcopy(task.spec)
@@ -317,6 +317,9 @@ def test_recompress_sweep_compresses_every_unprocessed_version(dagbag, s3_server
         asset_id = session.scalar(select(AssetModel.id).where(AssetModel.name == RELEASED_ASSET.name))
         events = session.scalars(select(AssetEvent).where(AssetEvent.asset_id == asset_id, AssetEvent.source_run_id == run.run_id)).all()
     assert sorted(e.extra["version"] for e in events) == ["v2", "v3"]
+    # one trend after the group, over every release of the model
+    assert results["trend"][-1]["output"] == f"s3://{s3_bucket}/artifacts/released/models/trend"
+    assert results["trend"][-1]["newest"] == "v3" and results["trend"][-1]["releases"] == 2
 
 
 def test_nightly_compression_distils_prunes_and_compresses_the_latest_version(dagbag, s3_server, s3_bucket, cache_dir, digits_model) -> None:
@@ -358,6 +361,10 @@ def test_nightly_compression_distils_prunes_and_compresses_the_latest_version(da
     digest = dagbag.get_dag("mnn_nightly_compression").get_task("release").op_kwargs["digest"]
     assert results["release"]["released"] == f"s3://{s3_bucket}/from-variable/released/models/20260102T000000/{digest}"
     assert _exists(s3_server, s3_bucket, f"from-variable/released/models/20260102T000000/{digest}/manifest.json")
+    # then the trend of the model's releases
+    assert results["trend"]["output"] == f"s3://{s3_bucket}/from-variable/released/models/trend"
+    assert results["trend"]["newest"] == "20260102T000000"
+    assert _exists(s3_server, s3_bucket, "from-variable/released/models/trend/trend.html")
 
 
 def test_training_handoff_publishes_a_version_and_queues_recompression(dagbag, s3_server, s3_bucket, cache_dir) -> None:

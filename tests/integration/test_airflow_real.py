@@ -308,7 +308,7 @@ def test_manual_triggers_through_cli_and_rest_api_run_every_task(nightly_registr
     assert recompress["state"] == "success", cluster.task_states("mnn_recompress_on_new_model", recompress["dag_run_id"])
     states = cluster.task_states("mnn_recompress_on_new_model", recompress["dag_run_id"])
     steps = ("version", "convert", "quantize", "benchmark", "release")
-    assert states == {"versions_to_compress": "success", **{f"compress.{s}[0]": "success" for s in steps}}
+    assert states == {"versions_to_compress": "success", **{f"compress.{s}[0]": "success" for s in steps}, "trend": "success"}
     picked = cluster.xcom("mnn_recompress_on_new_model", recompress["dag_run_id"], "versions_to_compress")
     assert picked == [{"version": version, "model_uri": published["model_uri"], "name": "models"}]  # the event's extra
     for step in ("convert", "quantize", "benchmark"):
@@ -324,7 +324,7 @@ def test_manual_triggers_through_cli_and_rest_api_run_every_task(nightly_registr
     timings["nightly (REST)"] = time.monotonic() - t0
     states = cluster.task_states("mnn_nightly_compression", done["dag_run_id"])
     assert done["state"] == "success", states
-    assert set(states) == {"latest_model", "distill", "prune", "convert", "quantize", "benchmark", "release"}
+    assert set(states) == {"latest_model", "distill", "prune", "convert", "quantize", "benchmark", "release", "trend"}
     assert set(states.values()) == {"success"}, states
     run_prefix = f"artifacts/nightly/{path_segment(done['dag_run_id'])}/"
     written = _keys(s3_server, bucket, run_prefix)

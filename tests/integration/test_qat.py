@@ -168,7 +168,7 @@ def test_quantize_mode_qat_through_the_cli_beats_full_int8(outlier_model, tmp_pa
     [
         ({"model": {"uri": "m.mnn"}}, "mode 'qat' fine-tunes the torch model: give a state-dict"),
         ({"calibration": None}, "calibration is required for mode 'qat'"),
-        ({"skip_layers": ["fc1"]}, "inputs, weights and skip_layers do not apply"),
+        ({"skip_layers": ["fc1"]}, "skip_layers applies to mode full-int8 only, not qat"),
     ],
 )
 def test_qat_spec_refuses_what_it_cannot_fine_tune(change, message):

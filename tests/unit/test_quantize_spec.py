@@ -39,7 +39,11 @@ def test_defaults_are_full_int8_kl_with_a_half_point_budget():
         ({"max_accuracy_drop": 101}, "max_accuracy_drop: .*less than or equal to 100"),
         ({"calibration_samples": 0}, "calibration_samples"),
         ({"mode": "weight-only", "model": {"uri": "m.onnx"}, "calibration": None, "weights": {"fp16": True}}, "needs weights.bits"),
-        ({"mode": "weight-only", "model": {"uri": "m.onnx"}, "calibration": CALIB}, "calibration applies to mode full-int8"),
+        ({"mode": "weight-only", "model": {"uri": "m.onnx"}, "calibration": CALIB}, "calibration applies to modes full-int8 / qat, not weight-only"),
+        ({"mode": "fp16", "model": {"uri": "m.onnx"}, "calibration": None, "sensitivity": True}, "sensitivity applies to mode full-int8 only, not fp16"),
+        ({"mode": "fp16", "model": {"uri": "m.onnx"}, "calibration": None, "weights": {"bits": 8}}, "mode 'fp16' needs weights.fp16 true"),
+        ({"evaluation": None}, "evaluation is required for mode 'full-int8' unless inputs is given"),
+        ({"calibration_ladder": "auto", "inputs": [{"name": "a", "shape": [1, 4]}], "evaluation": None}, "calibration_ladder auto applies to a single-input model"),
         ({"weights": {"bits": 8}}, "weights applies to modes weight-only / fp16"),
         ({"surprise": 1}, "surprise: unknown field"),
     ],
@@ -47,6 +51,55 @@ def test_defaults_are_full_int8_kl_with_a_half_point_budget():
 def test_bad_specs_fail_with_a_message_naming_the_field(overrides, message):
     with pytest.raises(SpecError, match=message):
         parse_spec("quantize", {**BASE, **overrides})
+
+
+QAT = {**BASE, "mode": "qat", "model": {"uri": "m.pth", "factory": "pkg.mod:fn"}, "input": {"name": "input", "shape": [1, 1, 8, 8]}}
+
+
+def test_every_problem_with_the_mode_is_reported_at_once_naming_field_and_mode():
+    with pytest.raises(SpecError) as exc:
+        parse_spec("quantize", {**QAT, "inputs": [{"name": "a", "shape": [1, 4]}], "input": None, "skip_layers": ["c"], "weights": {"bits": 8}})
+
+    for part in ("inputs applies to modes full-int8 / weight-only / fp16, not qat", "weights applies to modes weight-only / fp16, not qat",
+                 "skip_layers applies to mode full-int8 only, not qat"):  # fmt: skip
+        assert part in str(exc.value)
+    assert "\n" not in str(exc.value)  # one line: the CLI prints a spec error on one line
+
+
+def test_fields_a_mode_ignores_are_accepted_so_a_search_can_switch_the_mode():
+    spec = parse_spec("quantize", {**BASE, "mode": "weight-only", "model": {"uri": "m.onnx"}, "calibration": None, "calibration_samples": 200, "qat_epochs": 3})
+
+    assert spec.mode == "weight-only" and spec.weights is None and spec.calibration_samples == 200
+
+
+def test_the_mode_table_covers_every_mode_with_known_uses_of_real_fields():
+    from mnnpipe.steps.quantize import _MODE_FIELDS, _MODE_MODEL_FORMATS, _MODE_WEIGHTS, _MODES, _SINGLE_INPUT_ONLY, Spec
+
+    assert _MODES == ("full-int8", "qat", "weight-only", "fp16") and set(_MODE_MODEL_FORMATS) == set(_MODES)
+    for field, uses in _MODE_FIELDS.items():
+        assert field in Spec.model_fields and tuple(uses) == _MODES, field
+        assert set(uses.values()) <= {"required", "required*", "optional", "ignored", "rejected"}, field
+        assert any(u not in ("rejected", "ignored") for u in uses.values()), f"{field} is used by no mode"
+    assert set(_MODE_WEIGHTS) == {m for m in _MODES if _MODE_FIELDS["weights"][m] == "optional"}
+    assert set(_SINGLE_INPUT_ONLY) <= set(Spec.model_fields)
+
+
+def test_the_schema_documents_per_mode_which_fields_apply_and_checks_it():
+    jsonschema = pytest.importorskip("jsonschema")
+    from mnnpipe.steps.quantize import Spec
+
+    schema = Spec.model_json_schema()
+    props = schema["properties"]
+    assert props["weights"]["x-modes"] == {"full-int8": "rejected", "qat": "rejected", "weight-only": "optional", "fp16": "optional"}
+    assert props["calibration"]["x-modes"]["full-int8"] == "required unless inputs"
+    validator = jsonschema.Draft202012Validator(schema)
+    wo = {**BASE, "mode": "weight-only", "model": {"uri": "m.onnx"}}
+    del wo["calibration"]
+    for good in (BASE, wo, {**wo, "weights": {"bits": 4}}, QAT):
+        assert validator.is_valid(good), good
+    for bad in ({**wo, "calibration": CALIB}, {**wo, "weights": {"fp16": True}}, {**BASE, "weights": {"bits": 8}},
+                {**QAT, "skip_layers": ["c"]}, {k: v for k, v in BASE.items() if k != "calibration"}):  # fmt: skip
+        assert not validator.is_valid(bad), bad
 
 
 def test_weight_only_reuses_the_convert_steps_weight_sub_spec():
