@@ -57,7 +57,7 @@ class Spec(StepSpec):
     kind: Literal["select"] = "select"
     candidates: list[MeasuredCandidate] = Field(min_length=1, max_length=1000, description="Every candidate the search ran.")
     constraints: Constraints = Field(default_factory=Constraints, description="What the chosen candidate must meet.")
-    objective: Objective = Field(default_factory=Objective, description="Which feasible candidate is chosen.")
+    objective: Objective = Field(default_factory=Objective, description="How the chosen candidate is picked among the feasible ones (smallest, fastest, most accurate, weighted).")
     metric_names: MetricNames = Field(default_factory=MetricNames, description="Where each judged number is among the candidates' metrics.")
     title: str = Field("recipe search", max_length=200, description="Title of the report.")
     ids_in_uris: bool = Field(
