@@ -323,6 +323,24 @@ def test_a_step_toggled_on_and_off_runs_locally_but_kfp_refuses_it(teacher, tmp_
     assert cache_hits_published(root, ["c00", "c01"]) == {"distill": 0, "prune": 0, "convert": 1, "quantize": 0, "benchmark": 0}
 
 
+def test_a_process_pool_runs_the_candidates_and_still_shares_their_prefix(teacher, tmp_path, cache_dir):
+    # Arrange: both candidates start with the same convert; the pool runs one candidate per
+    # distinct first step before the rest, so the second still finds it in the cache.
+    release_root = tmp_path / "released"
+
+    # Act
+    proc = mnnpipe_search(tmp_path, toggle_spec(), teacher, "--release-root", str(release_root), "--name", "digits", "--workers", "2")
+
+    # Assert: the same choice and the same cache hits as one after another.
+    assert proc.returncode == 0, proc.stderr
+    root = tmp_path / "out" / "candidates"
+    judged = judge_all(root, ["c00", "c01"], teacher)
+    chosen, _ = best(judged, {})
+    assert chosen == "c00"
+    assert_released(release_root, "digits", judged[chosen])
+    assert cache_hits_published(root, ["c00", "c01"]) == {"distill": 0, "prune": 0, "convert": 1, "quantize": 0, "benchmark": 0}
+
+
 # --------------------------------------------------------------------------- KFP: ParallelFor + fan-in
 
 #: 4 prune ratios, one chain each: c00 (0.2) and c01 (0.4) within ~11 pp, 0.6 and 0.7 not.
