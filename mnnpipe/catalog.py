@@ -17,6 +17,7 @@ team's own steps, or a test's), then anything already registered by an import.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import pkgutil
 import typing
@@ -76,8 +77,9 @@ class StepDef:
 
     @property
     def summary(self) -> str:
-        doc = (self.spec.__doc__ or f"The {self.name} step.").strip()
-        return doc.split("\n\n")[0].replace("\n", " ")
+        """The first paragraph of the Spec's docstring, on one line."""
+        doc = inspect.getdoc(self.spec) or f"The {self.name} step."
+        return doc.strip().split("\n\n")[0].replace("\n", " ")
 
     @property
     def module(self) -> str:
@@ -127,6 +129,11 @@ def register(
     )  # fmt: skip
     _STEPS[name] = step
     return step
+
+
+def class_name(name: str) -> str:
+    """A step name as it reads in class names: 'select' -> 'Select', 'my_step' -> 'MyStep'."""
+    return "".join(part.capitalize() for part in name.split("_"))
 
 
 def unregister(name: str) -> None:

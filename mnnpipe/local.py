@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import catalog
 from .recipe import SOURCE, Plan, handoff_uri, plan, release_spec, wired_spec
-from .release import release_prefix
+from .release import TREND_STEP, release_prefix, trend_prefix
 from .runner import run_step
 from .specs import StepResult
 from .store import join
@@ -61,7 +62,7 @@ def run_recipe(
         result = run_step(planned.step, spec, use_cache=use_cache, quiet=quiet)
         run.results[planned.step] = result
         run.seconds[planned.step] = time.perf_counter() - started
-        if planned.step in _handing_on(recipe_plan):
+        if catalog.get(planned.step).hands_on is not None:
             uris[planned.step] = handoff_uri(result, planned.step)
         if on_step is not None:
             on_step(planned.step, result, run.seconds[planned.step])
@@ -87,17 +88,9 @@ def run_recipe(
     return run
 
 
-#: The step that follows every release: the model's releases over its versions.
-TREND_STEP = "trend"
-
-
 def run_trend(release_root: str, name: str, *, quiet: bool = True) -> StepResult:
     """`<release_root>/<name>/trend/`: every release of `name` so far, regressions flagged."""
-    spec = {"release_root": release_root, "name": name, "output": join(release_root, name, TREND_STEP)}
+    spec = {"release_root": release_root, "name": name, "output": trend_prefix(release_root.rstrip("/"), name)}
     return run_step(TREND_STEP, spec, quiet=quiet)
 
 
-def _handing_on(recipe_plan: Plan) -> set[str]:
-    from . import catalog
-
-    return {p.step for p in recipe_plan.steps if catalog.get(p.step).hands_on is not None}

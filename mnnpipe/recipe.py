@@ -26,7 +26,7 @@ from pydantic import Field, ValidationError, create_model
 
 from . import catalog
 from .errors import SpecError
-from .specs import ENVELOPE_FIELDS, ModelRef, Strict
+from .specs import ENVELOPE_FIELDS, DatasetRef, ModelRef, Strict, fields_holding, list_item_model_field
 
 #: Where a wire takes its model from when no earlier step hands one on.
 SOURCE = "source"
@@ -54,27 +54,14 @@ def release_step() -> catalog.StepDef:
 def model_list_item(step: catalog.StepDef) -> str | None:
     """For a model input that is a list of labelled items (benchmark's `models`): the item's
     ModelRef field; None for a plain ModelRef field."""
-    import typing
-
     if step.model_input is None:
         return None
-    annotation = step.spec.model_fields[step.model_input].annotation
-    if typing.get_origin(annotation) not in (list, tuple):
-        return None
-    item = typing.get_args(annotation)[0]
-    for name, info in getattr(item, "model_fields", {}).items():
-        if ModelRef in (info.annotation, *typing.get_args(info.annotation)):
-            return name
-    return None
+    return list_item_model_field(step.spec.model_fields[step.model_input].annotation)
 
 
 def _section_model(name: str, cls: type, exclude: set[str]) -> type:
     fields = {f: (info.annotation, info) for f, info in cls.model_fields.items() if f not in exclude}
     return create_model(name, __base__=Strict, __doc__=cls.__doc__, **fields)
-
-
-def _class_name(step: str) -> str:
-    return "".join(part.capitalize() for part in step.split("_"))
 
 
 def recipe_model() -> type:
@@ -95,7 +82,7 @@ def _recipe_model(registered: tuple[catalog.StepDef, ...]) -> type:
     }
     for step in recipe_steps():
         wired = step.model_input
-        section = _section_model(f"{_class_name(step.name)}Recipe", step.spec, {*ENVELOPE_FIELDS, wired})
+        section = _section_model(f"{catalog.class_name(step.name)}Recipe", step.spec, {*ENVELOPE_FIELDS, wired})
         if wired is not None and model_list_item(step) is None:
             # The URI is wired; how to read it (e.g. prune's `factory` for a TorchScript input) is not.
             section = create_model(
@@ -108,7 +95,7 @@ def _recipe_model(registered: tuple[catalog.StepDef, ...]) -> type:
         else:
             fields[step.name] = (section, Field(description=f"Parameters of the {step.name} step: {step.summary}"))
     release = release_step()
-    gate = _section_model(f"{_class_name(release.name)}Recipe", release.spec, {*ENVELOPE_FIELDS, *RELEASE_WIRED})
+    gate = _section_model(f"{catalog.class_name(release.name)}Recipe", release.spec, {*ENVELOPE_FIELDS, *RELEASE_WIRED})
     fields[release.name] = (gate, Field(description="The release gate: the budget the compressed model must meet."))
     return create_model("Recipe", __base__=Strict, __doc__="A validated compression recipe.", **fields)
 
@@ -199,21 +186,10 @@ class Plan:
         return next(p for p in self.steps if p.step == name)
 
 
-def dataset_fields(step: catalog.StepDef) -> tuple[str, ...]:
-    from .specs import DatasetRef
-
-    return tuple(f for f, info in step.spec.model_fields.items() if DatasetRef in (info.annotation, *_args(info.annotation)))
-
-
-def _args(annotation: Any) -> tuple[Any, ...]:
-    import typing
-
-    return typing.get_args(annotation)
-
-
-def plan(recipe: Any) -> Plan:
-    """The recipe's steps in order with their wires: what every orchestrator renders."""
-    return _plan(parse_recipe(recipe))
+def plan(recipe: Any, *, model_uri: str = "") -> Plan:
+    """The recipe's steps in order with their wires: what every orchestrator renders. The recipe
+    is validated in full first (`parse_recipe`; `model_uri` as there)."""
+    return _plan(parse_recipe(recipe, model_uri=model_uri))
 
 
 def _plan(recipe: Any) -> Plan:
@@ -240,7 +216,7 @@ def _plan(recipe: Any) -> Plan:
             if "reference" in step.spec.model_fields and "reference" not in spec:
                 # Fidelity and accuracy are judged against the uncompressed model.
                 spec["reference"] = SOURCE_LABEL
-        planned.append(PlannedStep(step.name, spec, tuple(wires), dataset_fields(step)))
+        planned.append(PlannedStep(step.name, spec, tuple(wires), fields_holding(step.spec, DatasetRef)))
         if step.hands_on is not None:
             upstream = step.name
             produced.append(step.name)
@@ -282,11 +258,18 @@ def release_spec(planned: PlannedRelease, *, candidate_uri: str, candidate_metri
     }
 
 
-def handoff_uri(result: Any, step: str) -> str:
-    """The URI of what `step` handed on, from its Result."""
+def handoff_artifact(step: str) -> str:
+    """The artifact `step` hands on (a path under its output, e.g. 'model.mnn')."""
     hands_on = catalog.get(step).hands_on
-    assert hands_on is not None, f"{step} hands nothing on"
-    return result.artifacts[hands_on.artifact].uri
+    if hands_on is None:
+        raise SpecError(f"step {step} hands no model on")
+    return hands_on.artifact
+
+
+def handoff_uri(result: Any, step: str) -> str:
+    """The URI of what `step` handed on, from its Result (a StepResult, or one as a dict: XCom)."""
+    name = handoff_artifact(step)
+    return result["artifacts"][name]["uri"] if isinstance(result, dict) else result.artifacts[name].uri
 
 
 def placeholder_specs(recipe: Any, *, model_uri: str = "") -> dict[str, dict[str, Any]]:
@@ -298,9 +281,8 @@ def placeholder_specs(recipe: Any, *, model_uri: str = "") -> dict[str, dict[str
     recipe_plan = _plan(recipe)
     specs: dict[str, dict[str, Any]] = {}
     for planned in recipe_plan.steps:
-        hands_on = catalog.get(planned.step).hands_on
-        if hands_on is not None:
-            uris[planned.step] = f"{PLACEHOLDER_BUCKET}/runs/{planned.step}/{hands_on.artifact}"
+        if catalog.get(planned.step).hands_on is not None:
+            uris[planned.step] = f"{PLACEHOLDER_BUCKET}/runs/{planned.step}/{handoff_artifact(planned.step)}"
         datasets = {
             f: f"{PLACEHOLDER_BUCKET}/data/{f}"  # the `<field>_uri` parameter a KFP run binds
             for f in planned.datasets

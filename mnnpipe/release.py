@@ -28,6 +28,16 @@ def latest_uri(release_root: str, name: str) -> str:
     return join(release_root, name, LATEST)
 
 
+#: The step after every release: the model's releases over its versions (trend.json, trend.html).
+TREND_STEP = "trend"
+
+
+def trend_prefix(release_root: str, name: str) -> str:
+    """Where the trend of model `name`'s releases is published. Plain concatenation, so a KFP
+    pipeline channel or an Airflow template passes through it as well as a URI."""
+    return f"{release_root}/{name}/{TREND_STEP}"
+
+
 def point_latest(release_root: str, name: str, version: str, release_prefix: str) -> bool:
     """Move `latest` to `release_prefix` unless it already names a newer version; True if moved."""
     manifest_uri = join(release_prefix, MANIFEST)

@@ -17,10 +17,9 @@ from multiprocessing import get_context
 from collections.abc import Mapping
 from typing import Any, Callable
 
-from . import catalog
 from .errors import SpecError, StepFailed, ToolError
 from .local import RecipeRun, run_recipe, run_trend
-from .recipe import Plan, plan, release_spec
+from .recipe import Plan, handoff_uri, plan, release_spec
 from .release import release_prefix
 from .runner import run_step
 from .search.spec import Candidate, SearchSpec, candidates, parse_search
@@ -112,13 +111,11 @@ def measured_results(candidate: Candidate, recipe_plan: Plan, results: Mapping[s
     if error is not None or missing:
         return {"id": candidate.id, "overrides": candidate.overrides, "recipe_digest": recipe_plan.digest, "error": error or f"{missing[0]} left no result"}
     assert results is not None
-    hands_on = catalog.get(release.candidate_from).hands_on
-    assert hands_on is not None, f"{release.candidate_from} hands nothing on"
     return {
         "id": candidate.id,
         "overrides": candidate.overrides,
         "recipe_digest": recipe_plan.digest,
-        "model": {"uri": results[release.candidate_from]["artifacts"][hands_on.artifact]["uri"]},
+        "model": {"uri": handoff_uri(results[release.candidate_from], release.candidate_from)},
         "metrics": dict(results[release.metrics_from]["metrics"]),
         "reference_metrics": dict(results[release.reference_from]["metrics"]) if release.reference_from else {},
     }

@@ -7,6 +7,8 @@ the Airflow operator and the JSON schema are all generated from it.
 from __future__ import annotations
 
 import re
+import types
+import typing
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
@@ -393,3 +395,30 @@ def accuracy_drop_pp(reference: float, accuracy: float) -> float:
 def exceeds_accuracy_budget(drop_pp: float, max_accuracy_drop: float) -> bool:
     """True when a drop (percentage points) is beyond the budget; a drop at the budget is within it."""
     return drop_pp > max_accuracy_drop + 1e-9
+
+
+# --------------------------------------------------------------------------- reading Specs by field type
+
+
+def holds(annotation: Any, cls: type) -> bool:
+    """True when a field annotated `annotation` holds a `cls` (itself, or in an Optional/Union)."""
+    if annotation is cls:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(holds(arg, cls) for arg in typing.get_args(annotation))
+    return False
+
+
+def list_item_model_field(annotation: Any) -> str | None:
+    """For list[X] where X is a pydantic model with a ModelRef field (benchmark's
+    `models: list[ModelUnderTest]`): that field's name; else None."""
+    if typing.get_origin(annotation) not in (list, tuple):
+        return None
+    args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+    item = args[0] if len(args) == 1 else None
+    return next((name for name, info in getattr(item, "model_fields", {}).items() if holds(info.annotation, ModelRef)), None)
+
+
+def fields_holding(spec_cls: type[BaseModel], cls: type) -> tuple[str, ...]:
+    """The top-level fields of `spec_cls` that hold a `cls` (e.g. every DatasetRef input)."""
+    return tuple(f for f, info in spec_cls.model_fields.items() if holds(info.annotation, cls))

@@ -148,4 +148,4 @@ def summary_line(step: str, result: Any) -> str:
 
 
 def operator_class_name(step: str) -> str:
-    return "Mnn" + "".join(part.capitalize() for part in step.split("_")) + "Operator"
+    return f"Mnn{catalog.class_name(step)}Operator"

@@ -20,7 +20,8 @@ from typing import Any
 from . import config
 from .. import catalog
 from ..errors import SpecError
-from ..recipe import SOURCE, Plan, plan, wired_spec
+from ..recipe import SOURCE, Plan, handoff_artifact, plan, wired_spec
+from ..release import TREND_STEP, trend_prefix
 from .operators import KUBERNETES_EXTRA_MISSING, kubernetes_provider_installed, operator_class
 
 
@@ -51,14 +52,6 @@ def step_operator(step: str, *, task_id: str | None = None, spec: dict[str, Any]
 
         return pod_operator_class(step)(task_id=task_id or step, spec=spec, **{**config.kubernetes_options(), **kwargs})
     return operator_class(step)(task_id=task_id or step, spec=spec, execution=execution, **kwargs)
-
-
-def handoff_artifact(step: str) -> str:
-    """The artifact `step` hands on (a path under its output, e.g. 'model.mnn')."""
-    hands_on = catalog.get(step).hands_on
-    if hands_on is None:
-        raise SpecError(f"step {step} hands no model on")
-    return hands_on.artifact
 
 
 def _set_path(spec: dict[str, Any], step: str, path: list[str], value: Any) -> None:
@@ -198,10 +191,6 @@ def release_and_announce(planned: Mapping[str, Any], *, found: Mapping[str, str]
     return result
 
 
-#: The step after every release: the model's releases over its versions (trend.json, trend.html).
-TREND_STEP = "trend"
-
-
 def model_name(version_task_id: str, *, same_index: bool = True) -> str:
     """A Jinja expression for the model name of the version dict ({"version", "model_uri",
     "name"}) task `version_task_id` pushed (the registry folder's name; 'model' when it has none),
@@ -213,7 +202,7 @@ def trend_task(*, release_root: str, name: str, task_id: str = TREND_STEP, **kwa
     """The trend step after a release: every release of `name` under `release_root` so far,
     regressions flagged, published to `{release_root}/{name}/trend` (trend.json, trend.html).
     Both may be templates. Never served from the cache (what the store holds changes)."""
-    spec = {"release_root": release_root, "name": name, "output": f"{release_root}/{name}/{TREND_STEP}"}
+    spec = {"release_root": release_root, "name": name, "output": trend_prefix(release_root, name)}
     return step_operator(TREND_STEP, task_id=task_id, spec=spec, **kwargs)
 
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .. import catalog
-from ..recipe import PlannedRelease, release_spec
+from ..recipe import PlannedRelease, handoff_uri, release_spec
 from ..registry import check_version
 from ..release import release_prefix
 
@@ -36,11 +35,9 @@ def gate_and_release(
 
     version = check_version(found["version"])
     name = found.get("name") or "model"
-    hands_on = catalog.get(release.candidate_from).hands_on
-    assert hands_on is not None, f"{release.candidate_from} hands nothing on"
     spec = release_spec(
         release,
-        candidate_uri=results[release.candidate_from]["artifacts"][hands_on.artifact]["uri"],
+        candidate_uri=handoff_uri(results[release.candidate_from], release.candidate_from),
         candidate_metrics=results[release.metrics_from]["metrics"],
         reference_metrics=results[release.reference_from]["metrics"] if release.reference_from else None,
         output=release_prefix(release_root, name, version, digest),

@@ -7,13 +7,12 @@ URIs that are pipeline parameters); a DatasetRef field becomes a Dataset artifac
 
 from __future__ import annotations
 
-import inspect
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..specs import ENVELOPE_FIELDS, DatasetRef, ModelRef  # noqa: F401  (ENVELOPE_FIELDS: public here too)
+from ..specs import ENVELOPE_FIELDS, DatasetRef, ModelRef, fields_holding, holds, list_item_model_field  # noqa: F401  (ENVELOPE_FIELDS: public here too)
 from .. import catalog
 
 #: Output artifact names of every generated component (inputs are named after Spec fields).
@@ -41,15 +40,6 @@ def input_uri(artifact: ArtifactRef) -> str:
     """The URI a step reads an input artifact from: the producer's published URI in the step
     store when an mnnpipe component made it (verified against its manifest), else the local path."""
     return str(artifact.metadata.get("mnnpipe_uri") or artifact.path)
-
-
-def _contains(annotation: Any, cls: type) -> bool:
-    if annotation is cls:
-        return True
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_contains(arg, cls) for arg in typing.get_args(annotation))
-    return False
 
 
 @dataclass(frozen=True)
@@ -85,26 +75,13 @@ class StepInterface:
 
     @property
     def summary(self) -> str:
-        doc = inspect.getdoc(self.spec_cls) or f"The {self.name} step."
-        return doc.strip().split("\n\n")[0].replace("\n", " ")
+        return catalog.get(self.name).summary
 
     def uri_param(self, field: str) -> str:
         return f"{field}_uri"
 
     def required_refs(self) -> tuple[str, ...]:
         return tuple(f for f in self.ref_inputs if self.spec_cls.model_fields[f].is_required())
-
-
-def _model_list_item_field(annotation: Any) -> str | None:
-    """For list[X] where X is a pydantic model with a ModelRef field: that field's name."""
-    if typing.get_origin(annotation) not in (list, tuple):
-        return None
-    args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-    item = args[0] if len(args) == 1 else None
-    for name, info in getattr(item, "model_fields", {}).items():
-        if _contains(info.annotation, ModelRef):
-            return name
-    return None
 
 
 _SCALARS = {int: "int", float: "float", bool: "bool", str: "str"}
@@ -142,7 +119,7 @@ def _collected_inputs(fields: dict[str, Any]) -> tuple[tuple[str, str, str, str]
         args = [a for a in typing.get_args(info.annotation) if a is not Ellipsis]
         item_fields = getattr(args[0], "model_fields", {}) if len(args) == 1 else {}
         for sub, sub_info in item_fields.items():
-            if _contains(sub_info.annotation, ModelRef):
+            if holds(sub_info.annotation, ModelRef):
                 out.append((f"{field}_{sub}", field, sub, "model"))
             elif _is_metric_values(sub_info.annotation):
                 out.append((f"{field}_{sub}", field, sub, "metrics"))
@@ -152,10 +129,10 @@ def _collected_inputs(fields: dict[str, Any]) -> tuple[tuple[str, str, str, str]
 def step_interface(name: str) -> StepInterface:
     step = catalog.get(name)
     fields = step.spec.model_fields
-    lists = tuple((f, sub) for f, info in fields.items() if (sub := _model_list_item_field(info.annotation)))
+    lists = tuple((f, sub) for f, info in fields.items() if (sub := list_item_model_field(info.annotation)))
     list_names = {f for f, _ in lists}
-    models = tuple(f for f, info in fields.items() if _contains(info.annotation, ModelRef) or f in list_names)
-    datasets = tuple(f for f, info in fields.items() if _contains(info.annotation, DatasetRef))
+    models = tuple(f for f, info in fields.items() if holds(info.annotation, ModelRef) or f in list_names)
+    datasets = fields_holding(step.spec, DatasetRef)
     return StepInterface(
         name=name,
         spec_cls=step.spec,

@@ -19,7 +19,8 @@ import json
 from typing import Any, Literal
 
 from ..container import image_note, resolve_image
-from ..recipe import SOURCE, parse_recipe, plan
+from ..recipe import SOURCE, Plan, plan
+from ..release import TREND_STEP, trend_prefix
 from .interface import OUTPUT_METRICS, OUTPUT_MODEL
 
 PIPELINE_NAME = "mnnpipe-compress"
@@ -42,9 +43,9 @@ def compress_pipeline(**overrides: Any) -> Any:
     return build_pipeline(DEFAULT_RECIPE, **{**PIPELINE_DEFAULTS, **overrides})
 
 
-def dataset_parameters(recipe: Any) -> tuple[str, ...]:
-    """`<field>_uri` pipeline parameters: one per dataset field of the steps the recipe runs."""
-    return tuple(dict.fromkeys(f"{f}_uri" for planned in plan(recipe).steps for f in planned.datasets))
+def dataset_parameters(recipe_plan: Plan) -> tuple[str, ...]:
+    """`<field>_uri` pipeline parameters: one per dataset field of the steps the plan runs."""
+    return tuple(dict.fromkeys(f"{f}_uri" for planned in recipe_plan.steps for f in planned.datasets))
 
 
 def build_pipeline(
@@ -76,11 +77,10 @@ def build_pipeline(
     from .latest import LATEST, make_latest_component
     from .latest import OUTPUTS as LATEST_OUTPUTS
 
-    recipe = parse_recipe(recipe, model_uri=model_uri)
-    recipe_plan = plan(recipe)
+    recipe_plan = plan(recipe, model_uri=model_uri)
     digest = recipe_plan.digest
     image = resolve_image(image)
-    data_params = dataset_parameters(recipe)
+    data_params = dataset_parameters(recipe_plan)
     model = {"model_registry": model_registry} if model_registry is not None else {
         "model_uri": model_uri,
         "model_name": model_name,
@@ -100,8 +100,10 @@ def build_pipeline(
             p.update({name: latest.outputs[name] for name in LATEST_OUTPUTS})
         run_prefix = f"{p['store_prefix']}/{p['model_name']}/{p['model_version']}/{digest}"
         tasks = render_steps(recipe_plan, form=form, image=image, model_uri=p["model_uri"], run_prefix=run_prefix, dataset_uris=p)
+        release = recipe_plan.release
         gate = render_release(
-            recipe_plan, tasks, form=form, image=image,
+            release, candidate=tasks[release.candidate_from], metrics=tasks[release.metrics_from],
+            reference=tasks[release.reference_from] if release.reference_from else None, form=form, image=image,
             output_uri=f"{p['release_root']}/{p['model_name']}/{p['model_version']}/{digest}",
         )  # fmt: skip
         render_trend(gate, form=form, image=image, release_root=p["release_root"], model_name=p["model_name"])
@@ -166,42 +168,32 @@ def render_steps(
     return tasks
 
 
-_PLANNED = object()
-#: The step that reports every release of a model over its versions, after each release.
-TREND_STEP = "trend"
-
-
 def render_trend(after: Any, *, form: str, image: str, release_root: Any, model_name: Any) -> Any:
     """The trend of the model's releases (trend.json, trend.html under
     `<release_root>/<name>/trend`), once `after` (the gate) has released."""
     from .components import make_component, with_task_defaults
 
     task = make_component(TREND_STEP, form, image)(
-        spec="{}", release_root=release_root, name=model_name, output_uri=f"{release_root}/{model_name}/{TREND_STEP}"
+        spec="{}", release_root=release_root, name=model_name, output_uri=trend_prefix(release_root, model_name)
     )
     task.after(after)
     return with_task_defaults(task).set_display_name(TREND_STEP)
 
 
 def render_release(
-    recipe_plan: Any, tasks: dict[str, Any], *, form: str, image: str, output_uri: Any, move_latest: bool = True,
-    candidate_from: str | None = None, metrics_from: str | None = None, reference_from: Any = _PLANNED,
+    release: Any, *, candidate: Any, metrics: Any, reference: Any = None, form: str, image: str, output_uri: Any, move_latest: bool = True
 ) -> Any:
-    """The release gate after the planned steps: the candidate model, judged by the metrics step's
-    metrics against the reference step's (e.g. quantize's own fp32_accuracy). A search names
-    its select task instead of the plan's steps."""
+    """The release gate (`release`: a plan's PlannedRelease): the `candidate` task's model, judged by
+    the `metrics` task's metrics against the `reference` task's (e.g. quantize's own fp32_accuracy;
+    None: the metrics task's own)."""
     from .components import make_component, with_task_defaults
 
-    release = recipe_plan.release
-    candidate_from = candidate_from or release.candidate_from
-    metrics_from = metrics_from or release.metrics_from
-    reference_from = release.reference_from if reference_from is _PLANNED else reference_from
     gate = make_component(release.step, form, image)(
         spec=json.dumps({**release.spec, "move_latest": move_latest}, sort_keys=True),
         output_uri=output_uri,
-        candidate=tasks[candidate_from].outputs[OUTPUT_MODEL],
-        candidate_metrics=tasks[metrics_from].outputs[OUTPUT_METRICS],
-        **({"reference_metrics": tasks[reference_from].outputs[OUTPUT_METRICS]} if reference_from else {}),
+        candidate=candidate.outputs[OUTPUT_MODEL],
+        candidate_metrics=metrics.outputs[OUTPUT_METRICS],
+        **({"reference_metrics": reference.outputs[OUTPUT_METRICS]} if reference is not None else {}),
     )
     return with_task_defaults(gate).set_display_name(release.step)
 

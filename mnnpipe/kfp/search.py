@@ -87,9 +87,8 @@ def build_search_pipeline(
         # The select step's metrics hold the chosen candidate's own (candidate/top1, its model
         # step's fp32_accuracy...): the gate judges it as it would judge a single run.
         gate = render_release(
-            template, {SELECT_STEP: chosen}, form=form, image=image,
+            template.release, candidate=chosen, metrics=chosen, form=form, image=image,
             output_uri=f"{p['release_root']}/{p['model_name']}/{p['model_version']}/{digest}",
-            candidate_from=SELECT_STEP, metrics_from=SELECT_STEP, reference_from=None,
         )  # fmt: skip
         render_trend(gate, form=form, image=image, release_root=p["release_root"], model_name=p["model_name"])
 
