@@ -231,3 +231,25 @@ def echo_step(monkeypatch):
     catalog.unregister("echo")
     sys.modules.pop("echo_step", None)
     _forget_step_caches("echo")
+
+
+# --------------------------------------------------------------------------- Airflow runs
+
+
+@pytest.fixture
+def return_values_by_index():
+    """A reader of a DAG run's return values: {task_id: {map_index: value}} (mapped instances keep
+    their own index, -1 when unmapped). Needs the airflow extra and a migrated database."""
+
+    def read(dag_run) -> dict[str, dict[int, object]]:
+        from airflow.models.xcom import XComModel
+        from airflow.utils.session import create_session
+
+        out: dict[str, dict[int, object]] = {}
+        with create_session() as session:
+            rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key="return_value", map_indexes=None)).all()
+            for row in rows:
+                out.setdefault(row.task_id, {})[row.map_index] = XComModel.deserialize_value(row)
+        return out
+
+    return read

@@ -84,19 +84,6 @@ def _return_values(dag_run) -> dict:
         return {row.task_id: XComModel.deserialize_value(row) for row in rows}
 
 
-def _return_values_by_index(dag_run) -> dict[str, dict[int, object]]:
-    """{task_id: {map_index: value}}: mapped instances keep their own index (-1 when unmapped)."""
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    out: dict[str, dict[int, object]] = {}
-    with create_session() as session:
-        rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key="return_value", map_indexes=None)).all()
-        for row in rows:
-            out.setdefault(row.task_id, {})[row.map_index] = XComModel.deserialize_value(row)
-    return out
-
-
 def _exists(s3_server, bucket: str, key: str) -> bool:
     return s3_server.client().list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount", 0) > 0
 
@@ -269,7 +256,7 @@ def test_a_template_for_a_step_the_recipe_lacks_is_refused() -> None:
 # ------------------------------------------------------------------ end to end
 
 
-def test_recompress_sweep_compresses_every_unprocessed_version(dagbag, s3_server, s3_bucket, cache_dir, digits_model) -> None:
+def test_recompress_sweep_compresses_every_unprocessed_version(dagbag, s3_server, s3_bucket, cache_dir, digits_model, return_values_by_index) -> None:
     """A run without Asset events (hourly, or manual) sweeps the registry: every version not
     processed yet, one mapped `compress` instance each; a processed version is left alone."""
     from airflow.models.asset import AssetEvent, AssetModel
@@ -292,7 +279,7 @@ def test_recompress_sweep_compresses_every_unprocessed_version(dagbag, s3_server
     run = dagbag.get_dag("mnn_recompress_on_new_model").test(run_conf=conf)
 
     assert run.state == "success"
-    results = _return_values_by_index(run)
+    results = return_values_by_index(run)
     assert [v["version"] for v in results["versions_to_compress"][-1]] == ["v2", "v3"]
     for index, version in enumerate(["v2", "v3"]):
         assert results["compress.version"][index]["model_uri"] == f"s3://{s3_bucket}/models/{version}/model.pt"

@@ -115,19 +115,6 @@ def parse_dag(monkeypatch, spec):
     return runpy.run_path(str(DAG_FILE), run_name="parsed_mnn_recipe_search")
 
 
-def by_index(dag_run) -> dict[str, dict[int, object]]:
-    """{task_id: {map_index: value}} of the run's return values."""
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    out: dict[str, dict[int, object]] = {}
-    with create_session() as session:
-        rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key="return_value", map_indexes=None)).all()
-        for row in rows:
-            out.setdefault(row.task_id, {})[row.map_index] = XComModel.deserialize_value(row)
-    return out
-
-
 def states(dag_run) -> dict[tuple[str, int], str]:
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
@@ -233,14 +220,14 @@ def searched(s3_server, store, registry):
     return parsed, run
 
 
-def test_the_search_releases_the_best_candidate_within_the_constraints(s3_server, store, searched) -> None:
+def test_the_search_releases_the_best_candidate_within_the_constraints(s3_server, store, searched, return_values_by_index) -> None:
     from mnnpipe.airflow.config import path_segment
     from mnnpipe.release import read_latest
 
     parsed, run = searched
     search = parsed["search"]
     assert run.state == "success", states(run)
-    results = by_index(run)
+    results = return_values_by_index(run)
     segment = path_segment(run.run_id)
     # every candidate ran as its own map index, publishing under its own id
     own: dict[str, dict] = {}
@@ -324,7 +311,7 @@ def test_an_infeasible_search_fails_select_naming_the_closest_and_releases_nothi
     assert "size" in error
 
 
-def test_a_failed_candidate_is_judged_as_failed_and_the_rest_still_release(s3_server, store, registry, searched, monkeypatch) -> None:
+def test_a_failed_candidate_is_judged_as_failed_and_the_rest_still_release(s3_server, store, registry, searched, monkeypatch, return_values_by_index) -> None:
     """Candidate c01's prune reads the student at the wrong width: its map index fails (its later
     steps upstream_failed), `select` records it with its error and chooses among the others."""
     from mnnpipe.airflow import config
@@ -339,7 +326,7 @@ def test_a_failed_candidate_is_judged_as_failed_and_the_rest_still_release(s3_se
     st = states(run)
     assert st[("candidates.prune", 0)] == "success" and st[("candidates.prune", 1)] == "failed"
     assert st[("candidates.convert", 1)] == "upstream_failed"
-    selected = by_index(run)["select"][-1]
+    selected = return_values_by_index(run)["select"][-1]
     assert selected["chosen"] == "c00"
     assert selected["search"]["failed"] == ["c01"]
     failed = next(c for c in selected["candidates"] if c["id"] == "c01")
